@@ -286,6 +286,10 @@ def test_a_json_schema_miss_counts_its_rules_once(tokenizer: PreTrainedTokenizer
     counted.clear()
     grammar_module.held_json_schema(sent, True, "response_format")
     assert counted == [grammar_module._json_grammar(sent, True, "p")]
+    counted.clear()  # a schema cut (a cycle of bare `$ref`s where a value may be absent): its cut copy not counted
+    cut = {"type": "object", "properties": {"x": {"$ref": "#/$defs/a"}}, "$defs": HOP_CYCLE}
+    grammar_module.held_json_schema(cut, True, "response_format")
+    assert counted == [grammar_module._json_grammar(cut, True, "p")]
 
 
 def test_a_hop_cycle_is_cut_before_the_weighing_on_a_copy_sharing_the_rest(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -109,13 +109,13 @@ def _matched(holding: list[Loose], turns: int) -> list[list[Loose]]:
     others'; where more than one has several, or the lists in turn would be longer than `turns` all told, all at once
     (errs high: their choices multiply). After a key some option names, all at once too (each in turn would add up
     the named values again for each)."""
-    several = [at for at, (_, nodes) in enumerate(holding) if len(nodes) > 1]
+    several = [at for at, (_, each) in enumerate(holding) if len(each) > 1]
     if len(several) != 1:
         return [holding]
-    names, nodes = holding[at := several[0]]
-    if len(nodes) * (sum(len(each) for _, each in holding) - len(nodes) + 1) > turns:
+    names, values = holding[at := several[0]]
+    if len(values) * (sum(len(each) for _, each in holding) - len(values) + 1) > turns:
         return [holding]
-    return [[*holding[:at], (names, [node]), *holding[at + 1:]] for node in nodes]
+    return [[*holding[:at], (names, [value]), *holding[at + 1:]] for value in values]
 
 
 def _holds(pattern: str | None, name: str, names: set[str]) -> bool:
@@ -211,7 +211,7 @@ class AlikeChains:
                 stack += fresh
         reached |= walked
         # each option's heaviest loose value (a key's lexeme matches one pattern), a rule once
-        anywhere = {(heaviest := max(each, key=CORNER)).rule: heaviest.corner for _, each in loose}
+        anywhere = {(top := max(each, key=CORNER)).rule: top.corner for _, each in loose}
         # the loose values that may hold values (those go on alike a level down)
         holding = [(names, held) for names, each in loose
                    if (held := [value for value in each if value.node is not None])]
