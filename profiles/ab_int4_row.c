@@ -30,32 +30,22 @@
 
 #include "ab_harness.h"
 
-#define GROUP 64
 #define PIECES 2
-#define BYTES64 36  /* each 64 weights: 32 bytes of nibbles, a bf16 scale and offset */
 
 static uint16_t x[3072];
-
-/* Matrix w's parts: the packed weights, then [N][K / G] bf16 scales, then as many offsets. */
-static const uint16_t *scales_of(const char *w, const struct shape *sh) {
-    return (const uint16_t *)(w + sh->N * sh->K / 2);
-}
-static const uint16_t *offsets_of(const char *w, const struct shape *sh) {
-    return scales_of(w, sh) + sh->N * sh->K / GROUP;
-}
 
 static char *step, *spans;  /* the step's matrices (ab_harness.h's buffer), and their copy with the weights in spans */
 static void to_spans(char *copy);
 
 static void prepare(char *buf) {
-    EACH_MATRIX(buf, BYTES64, s, sh, w, {
-        uint16_t *scale = (uint16_t *)scales_of(w, sh), *offset = (uint16_t *)offsets_of(w, sh);
-        for (long i = 0; i < sh->N * sh->K / GROUP; i++) {
+    EACH_MATRIX(buf, INT4_BYTES64, s, sh, w, {
+        uint16_t *scale = (uint16_t *)int4_scales_of(w, sh), *offset = (uint16_t *)int4_offsets_of(w, sh);
+        for (long i = 0; i < sh->N * sh->K / INT4_GROUP; i++) {
             scale[i] = f32_to_bf16(1e-3f * (float)(1 + rand() % 100));
             offset[i] = f32_to_bf16(1e-2f * (float)(rand() % 201 - 100));
         }
     });
-    const long footprint = step_bytes(BYTES64);  /* step_buffer's: a copy past it read beyond the mapping */
+    const long footprint = step_bytes(INT4_BYTES64);  /* step_buffer's: a copy past it read beyond the mapping */
     const long huge = 2L << 20;
     char *base = mmap(0, footprint + huge, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (base == MAP_FAILED) exit(1);
@@ -114,7 +104,7 @@ static inline __attribute__((always_inline)) void transpose_span(const uint8_t *
    where K % 1024 == 0). */
 static void to_spans(char *copy) {
     const struct transpose_index t = transpose_indices();
-    EACH_MATRIX(copy, BYTES64, s, sh, w, {
+    EACH_MATRIX(copy, INT4_BYTES64, s, sh, w, {
         for (long at = 0; at < sh->N * sh->K / 2; at += SPAN / 2) {
             __m512i o[8];
             transpose_span((uint8_t *)w + at, SPAN_BLOCKS, &t, o);
@@ -260,11 +250,11 @@ READ_LOOP(bound_read_weights, 0)
 #undef READ_LOOP
 
 /* bound-read's bytes (a matrix's nibbles, group scales and offsets) read as one stream, each span's 16 scales and 16
-   offsets beside its 512 bytes of nibbles (BYTES64 a block): how a layout with them beside the nibbles would be read
-   (the rows are the matrix's bytes cut anew; K a whole number of spans, as every decode matrix's). */
+   offsets beside its 512 bytes of nibbles (INT4_BYTES64 a block): how a layout with them beside the nibbles would be
+   read (the rows are the matrix's bytes cut anew; K a whole number of spans, as every decode matrix's). */
 static void bound_read_beside(const void *ctx, long chunk) {
     const struct linear_int4_args *a = ctx;
-    const long spans = a->K / SPAN, stride = SPAN / 64 * BYTES64, row = spans * stride;
+    const long spans = a->K / SPAN, stride = SPAN / 64 * INT4_BYTES64, row = spans * stride;
     for (long n = chunk * a->rows; n < pool_chunk_end(chunk, a->rows, a->N); n++) {
         const uint8_t *w = a->w + n * row;
         __m512i v = _mm512_setzero_si512();
@@ -305,7 +295,7 @@ static struct acts prepared(int K) {
     static __attribute__((aligned(64))) float a[PIECES], xsum[48], row[3072], arranged[3072];
     static __attribute__((aligned(64))) int32_t group[48];
     const long len = (K + SPAN - 1) / SPAN * SPAN, lanes = len / 64;
-    for (long b = 0; b < lanes; b++) group[b] = (int32_t)(b * 64 / GROUP);
+    for (long b = 0; b < lanes; b++) group[b] = (int32_t)(b * 64 / INT4_GROUP);
     widen_row(x, K, 1, row);
     block_stats(row, K, lanes, xsum, NULL);
     arrange_row(row, K, len, arranged);
@@ -318,11 +308,12 @@ static void run(int i, const char *w, const struct shape *sh, uint16_t *y) {
     if (!variants[i].fn || !strncmp(variants[i].name, "spans-", 6))
         w = spans + (w - step);  /* the same matrix, its weights in spans */
     if (!variants[i].fn) {
-        linear_int4(x, (const uint8_t *)w, scales_of(w, sh), offsets_of(w, sh), y, 1, N, K, GROUP, 1, PIECES);
+        linear_int4(x, (const uint8_t *)w, int4_scales_of(w, sh), int4_offsets_of(w, sh), y, 1, N, K, INT4_GROUP, 1,
+                    PIECES);
         return;
     }
-    const struct linear_int4_args a = {.x = prepared(K), .w = (const uint8_t *)w, .scale = scales_of(w, sh),
-                                       .offset = offsets_of(w, sh), .y = y, .M = 1, .N = N, .K = K, .G = GROUP,
+    const struct linear_int4_args a = {.x = prepared(K), .w = (const uint8_t *)w, .scale = int4_scales_of(w, sh),
+                                       .offset = int4_offsets_of(w, sh), .y = y, .M = 1, .N = N, .K = K, .G = INT4_GROUP,
                                        .P = PIECES, .bf16 = 1, .rows = pool_rows_per_chunk(K / 2)};
     nanoqwen_pool_run(variants[i].fn, &a, (N + a.rows - 1) / a.rows);
 }
@@ -331,6 +322,6 @@ int main(int argc, char **argv) {
     for (int i = 0; i < 3072; i++) x[i] = f32_to_bf16((float)(rand() % 2001 - 1000) / 300.0f);
     const char *names[VARIANTS];
     for (int i = 0; i < VARIANTS; i++) names[i] = variants[i].name;
-    const struct ab_tool tool = {names, VARIANTS, BYTES64, prepare, run};
+    const struct ab_tool tool = {names, VARIANTS, INT4_BYTES64, prepare, run};
     return ab_main(&tool, argc, argv);
 }

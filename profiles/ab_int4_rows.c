@@ -29,10 +29,10 @@
 #include "linear_int4.c"
 
 #include <stdio.h>
-#include <time.h>
+
+#include "ab_rows.h"
 
 #define G 64
-#define MAXM 8
 
 /* The variants' weights: the layout the AVX2 kernel read before the interleaving (twenty-fourth session), block b of
    row 4q + i at 4q * K / 2 + 128 b + 32 i, the last N % 4 rows plain. */
@@ -44,7 +44,6 @@ static void quad_pack(uint8_t *w, const uint8_t *plain, int N, int K) {
     for (long n = 0; n < N; n++)
         for (long b = 0; b < K / 64; b++) memcpy(w + quad_block_at(n, b, K, N / 4 * 4), plain + n * (K / 2) + 32 * b, 32);
 }
-#define MAXK 3072
 
 struct shape { const char *name; int N, K; };
 static const struct shape shapes[] = {{"qkv", 4096, 1024}, {"o", 1024, 2048}, {"gate_up", 6144, 1024},
@@ -334,22 +333,6 @@ static void linear_int4_ubs(const uint16_t *x, const uint8_t *w, const uint16_t 
     nanoqwen_pool_run(il ? ab_il_chunk : ubs_chunks[mode], &a, (N + a.rows - 1) / a.rows);
 }
 
-static double cpu_now(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t);
-    return t.tv_sec + 1e-9 * t.tv_nsec;
-}
-
-static int by_value(const void *p, const void *q) {
-    const double x = *(const double *)p, z = *(const double *)q;
-    return x < z ? -1 : x > z;
-}
-
-static double median(double *v, int n) {
-    qsort(v, n, sizeof *v, by_value);
-    return v[n / 2];
-}
-
 #define VARIANTS 8
 static const char *names[VARIANTS] = {"kernel", "ubs-h2", "ubs-h1", "ubs-md", "ubs-md-row", "bound-quant",
                                       "bound-adds", "ubs-il"};
@@ -377,13 +360,8 @@ int main(int argc, char **argv) {
         fprintf(stderr, "usage: [COLD_MB=N] %s [ROUNDS 1..1000] [CALLS] [VARIANT...]\n", argv[0]);
         return 2;
     }
-    srand(1);
     static uint16_t x[MAXM * MAXK], y[MAXM * 6144];
-    for (int i = 0; i < MAXM * MAXK; i++) {
-        float v = (float)(rand() % 20001 - 10000) / 10000.0f;
-        if (i % 397 == 5) v *= 20.0f;  /* a few outlier channels */
-        x[i] = f32_to_bf16(v);
-    }
+    ab_rows_activations(x);
     for (int si = 0; si < SHAPES; si++) {
         const struct shape *sh = &shapes[si];
         const int N = sh->N, K = sh->K, groups = K / G;

@@ -25,10 +25,9 @@
 #include "linear_int8.c"
 
 #include <stdio.h>
-#include <time.h>
 
-#define MAXM 8
-#define MAXK 3072
+#include "ab_rows.h"
+
 #define VARIANTS 4
 #define P2_MAX 8    /* ubs7p2's largest block exponent: 2^8 x 4 products of <= 128 x 63 a lane and block */
 #define P2_SPAN 16  /* blocks whose int32 sums cannot overflow: 16 x 2 x 32,256 x 2^8 < 2^31 */
@@ -88,6 +87,15 @@ INLINE __m256i ubs_pairs(__m256i v, __m256i u, const int8_t *x) {
     return _mm256_maddubs_epi16(u, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)x), v));
 }
 
+/* Weight block b of row r (the row prefetched PREFETCH_BYTES ahead): its two halves and their absolute values. */
+struct ubs_block { __m256i v0, v1, u0, u1; };
+INLINE struct ubs_block ubs_load(const int8_t *r, int b) {
+    __builtin_prefetch(r + 64 * b + PREFETCH_BYTES);
+    const __m256i v0 = _mm256_loadu_si256((const __m256i *)(r + 64 * b));
+    const __m256i v1 = _mm256_loadu_si256((const __m256i *)(r + 64 * b + 32));
+    return (struct ubs_block){v0, v1, _mm256_abs_epi8(v0), _mm256_abs_epi8(v1)};
+}
+
 /* y[j, n] for weight rows 0 .. N - 1 against the `rows` rows' blocks (rows, seven constants). */
 INLINE void ubs_pass(const int8_t *w, const uint16_t *scale, uint16_t *y, int rows, int N, int K, int seven) {
     const __m256i ones = _mm256_set1_epi16(1);
@@ -96,13 +104,10 @@ INLINE void ubs_pass(const int8_t *w, const uint16_t *scale, uint16_t *y, int ro
         __m256 f[MAXM];
         for (int j = 0; j < rows; j++) f[j] = _mm256_setzero_ps();
         for (int b = 0; b < K / 64; b++) {
-            __builtin_prefetch(r + 64 * b + PREFETCH_BYTES);
-            const __m256i v0 = _mm256_loadu_si256((const __m256i *)(r + 64 * b));
-            const __m256i v1 = _mm256_loadu_si256((const __m256i *)(r + 64 * b + 32));
-            const __m256i u0 = _mm256_abs_epi8(v0), u1 = _mm256_abs_epi8(v1);
+            const struct ubs_block wb = ubs_load(r, b);
             const int8_t *x = blk_q + (long)b * rows * 64;
             for (int j = 0; j < rows; j++) {
-                const __m256i p0 = ubs_pairs(v0, u0, x + 64 * j), p1 = ubs_pairs(v1, u1, x + 64 * j + 32);
+                const __m256i p0 = ubs_pairs(wb.v0, wb.u0, x + 64 * j), p1 = ubs_pairs(wb.v1, wb.u1, x + 64 * j + 32);
                 const __m256i sum = seven ? _mm256_madd_epi16(_mm256_add_epi16(p0, p1), ones)
                                           : _mm256_add_epi32(_mm256_madd_epi16(p0, ones), _mm256_madd_epi16(p1, ones));
                 f[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_broadcast_ss(blk_s + b * rows + j), f[j]);
@@ -122,13 +127,11 @@ INLINE void pow2_pass(const int8_t *w, const uint16_t *scale, uint16_t *y, int r
             __m256i acc[MAXM];
             for (int j = 0; j < rows; j++) acc[j] = _mm256_setzero_si256();
             for (int b = b0; b < K / 64 && b < b0 + P2_SPAN; b++) {
-                __builtin_prefetch(r + 64 * b + PREFETCH_BYTES);
-                const __m256i v0 = _mm256_loadu_si256((const __m256i *)(r + 64 * b));
-                const __m256i v1 = _mm256_loadu_si256((const __m256i *)(r + 64 * b + 32));
-                const __m256i u0 = _mm256_abs_epi8(v0), u1 = _mm256_abs_epi8(v1);
+                const struct ubs_block wb = ubs_load(r, b);
                 const int8_t *x = blk_q + (long)b * rows * 64;
                 for (int j = 0; j < rows; j++) {
-                    const __m256i p = _mm256_add_epi16(ubs_pairs(v0, u0, x + 64 * j), ubs_pairs(v1, u1, x + 64 * j + 32));
+                    const __m256i p = _mm256_add_epi16(ubs_pairs(wb.v0, wb.u0, x + 64 * j),
+                                                       ubs_pairs(wb.v1, wb.u1, x + 64 * j + 32));
                     acc[j] = _mm256_add_epi32(acc[j], _mm256_madd_epi16(p, _mm256_set1_epi32(blk_f[b * rows + j])));
                 }
             }
@@ -154,30 +157,14 @@ static void run(int v, const uint16_t *x, const int8_t *w, const uint16_t *scale
     }
 }
 
-static double now_us(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t);
-    return t.tv_sec * 1e6 + t.tv_nsec / 1e3;
-}
-
-static int by_time(const void *a, const void *b) {
-    const double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
-
 int main(int argc, char **argv) {
     const int rounds = argc > 1 ? atoi(argv[1]) : 25, reps = argc > 2 ? atoi(argv[2]) : 4;
     if (rounds < 1 || rounds > 1000 || reps < 1) {
         fprintf(stderr, "usage: %s [ROUNDS 1..1000] [CALLS]\n", argv[0]);
         return 2;
     }
-    srand(1);
     static uint16_t x[MAXM * MAXK], y[MAXM * 6144];
-    for (int i = 0; i < MAXM * MAXK; i++) {
-        float v = (float)(rand() % 20001 - 10000) / 10000.0f;
-        if (i % 397 == 5) v *= 20.0f;  /* a few outlier channels */
-        x[i] = f32_to_bf16(v);
-    }
+    ab_rows_activations(x);
     for (int si = 0; si < SHAPES; si++) {
         const int N = shapes[si].N, K = shapes[si].K;
         int8_t *w = aligned_alloc(64, (long)N * K);
@@ -205,16 +192,16 @@ int main(int argc, char **argv) {
                 for (int i = 0; i < VARIANTS; i++) {
                     const int v = (i + r) % VARIANTS;
                     run(v, x, w, scale, y, M, N, K);
-                    const double t0 = now_us();
+                    const double t0 = cpu_now();
                     for (int c = 0; c < reps; c++) run(v, x, w, scale, y, M, N, K);
-                    t[v][r] = (now_us() - t0) / reps;
+                    t[v][r] = 1e6 * (cpu_now() - t0) / reps;
                 }
             double base = 0.0;
             for (int v = 0; v < VARIANTS; v++) {
-                qsort(t[v], rounds, sizeof t[v][0], by_time);
-                if (!v) base = t[v][rounds / 2];
+                const double mid = median(t[v], rounds);  /* sorts t[v]: its minimum is t[v][0] */
+                if (!v) base = mid;
                 printf("%-8s %d row%s %-6s median %8.1f µs  min %8.1f µs  %.3fx  error %.2e\n", shapes[si].name, M,
-                       M > 1 ? "s" : " ", names[v], t[v][rounds / 2], t[v][0], t[v][rounds / 2] / base, worst[v]);
+                       M > 1 ? "s" : " ", names[v], mid, t[v][0], mid / base, worst[v]);
             }
         }
         free(w), free(scale);

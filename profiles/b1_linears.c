@@ -33,8 +33,8 @@ static void call(int f, const char *w, const struct shape *sh, int N) {
         linear_int8(x, (const int8_t *)w, row_scales, y, 1, N, (int)sh->K, 1);
         return;
     }
-    const uint16_t *scale = (const uint16_t *)(w + sh->N * sh->K / 2), *offset = scale + sh->N * sh->K / INT4_GROUP;
-    linear_int4(x, (const uint8_t *)w, scale, offset, y, 1, N, (int)sh->K, INT4_GROUP, 1, 2);
+    linear_int4(x, (const uint8_t *)w, int4_scales_of(w, sh), int4_offsets_of(w, sh), y, 1, N, (int)sh->K, INT4_GROUP, 1,
+                2);
 }
 
 int main(int argc, char **argv) {

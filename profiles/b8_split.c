@@ -102,8 +102,8 @@ static void timed_call(int f, const char *w, const struct shape *sh, int rows, d
     if (f == 0) {
         linear_int8(x, (const int8_t *)w, row_scales, y, rows, (int)sh->N, (int)sh->K, 1);
     } else {
-        const uint16_t *scale = (const uint16_t *)(w + sh->N * sh->K / 2), *offset = scale + sh->N * sh->K / INT4_GROUP;
-        linear_int4(x, (const uint8_t *)w, scale, offset, y, rows, (int)sh->N, (int)sh->K, INT4_GROUP, 1, 2);
+        linear_int4(x, (const uint8_t *)w, int4_scales_of(w, sh), int4_offsets_of(w, sh), y, rows, (int)sh->N,
+                    (int)sh->K, INT4_GROUP, 1, 2);
     }
     const double end = now();
     call_sums[CALL] = end - start;

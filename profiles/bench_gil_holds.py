@@ -37,6 +37,7 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 from llguidance import LLMatcher  # noqa: E402
 
 from checkpoints import EOS_IDS, VOCAB_SIZE, make_checkpoint  # noqa: E402
+from gc_timing import timed_collections  # noqa: E402
 from nanoqwen.api.full_collections import FULL_COLLECTIONS  # noqa: E402
 from nanoqwen.api.schema_patterns import ecma_patterns  # noqa: E402
 from nanoqwen.api.structured import _json_key  # noqa: E402
@@ -59,7 +60,6 @@ class Watch:
     delays: list[float] = field(default_factory=list)
     collections: list[tuple[float, int, int]] = field(default_factory=list)  # (CPU seconds, generation, collected)
     stop: threading.Event = field(default_factory=threading.Event)
-    _gc_started: float = 0.0
 
     def watch(self) -> None:
         while not self.stop.is_set():
@@ -67,13 +67,9 @@ class Watch:
             time.sleep(self.tick)
             self.delays.append(time.perf_counter() - started - self.tick)
 
-    def timed(self, phase: str, info: dict[str, int]) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return
-        if phase == "start":
-            self._gc_started = time.thread_time()
-        else:
-            self.collections.append((time.thread_time() - self._gc_started, info["generation"], info["collected"]))
+    def collected(self, info: dict[str, int], wall: float, cpu: float) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self.collections.append((cpu, info["generation"], info["collected"]))
 
     def run(self, fn: Callable[[], Any]) -> tuple[float, list[float], list[tuple[float, int, int]]]:
         """fn()'s wall seconds, the wake delays and the collections while it ran."""
@@ -154,7 +150,7 @@ def main() -> None:
     watch = Watch(args.tick_ms / 1e3)
     gc.collect()
     gc.freeze()
-    gc.callbacks.append(watch.timed)
+    gc.callbacks.append(timed_collections(watch.collected))
     watcher = threading.Thread(target=watch.watch, daemon=True)
     watcher.start()
     print(f"switch interval {sys.getswitchinterval() * 1e3:g} ms; tick {args.tick_ms:g} ms; rounds {args.rounds}; "

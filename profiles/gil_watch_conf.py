@@ -54,7 +54,9 @@ def post_worker_init(worker: object) -> None:
     sleep, get_ident = monkey.get_original("time", "sleep"), monkey.get_original("_thread", "get_ident")
     if late := os.environ.get(LATE_ENV):
         start_native_thread(lambda: _watch(float(late), sleep, get_ident))
-        gc.callbacks.append(_full_collections())
+        from profiles.gc_timing import timed_collections  # the worker's path has the checkout, not profiles/
+
+        gc.callbacks.append(timed_collections(_full_collection))
     if every := os.environ.get(GC_WATCH_ENV):
         start_native_thread(lambda: _watch_collector(float(every), sleep))
     if memory_s := os.environ.get(MEMORY_WATCH_ENV):
@@ -135,19 +137,10 @@ def _anon_mb() -> float:
         return next(int(line.split()[1]) for line in status if line.startswith("RssAnon:")) / 1024
 
 
-def _full_collections() -> Callable[[str, dict[str, int]], None]:
-    started: list[tuple[float, float]] = []  # (wall, CPU) of the one running: the GIL lets one at a time run
-
-    def timed(phase: str, info: dict[str, int]) -> None:
-        if info["generation"] != 2:
-            return
-        if phase == "start":
-            started[:] = [(time.perf_counter(), time.thread_time())]
-        elif started:
-            wall, cpu = time.perf_counter() - started[0][0], time.thread_time() - started[0][1]
-            print(f"{GC_LINE}{time.monotonic():.3f} {wall * 1e3:.1f} ms wall, {cpu * 1e3:.1f} ms CPU", file=sys.stderr,
-                  flush=True)
-    return timed
+def _full_collection(info: dict[str, int], wall: float, cpu: float) -> None:
+    if info["generation"] == 2:
+        print(f"{GC_LINE}{time.monotonic():.3f} {wall * 1e3:.1f} ms wall, {cpu * 1e3:.1f} ms CPU", file=sys.stderr,
+              flush=True)
 
 
 def _stack(frame: FrameType | None, depth: int = 3) -> str:

@@ -40,16 +40,14 @@ def post_worker_init(worker: object) -> None:
     import gevent
     from gevent import monkey
 
+    from profiles.gc_timing import timed_collections  # the worker's path has the checkout, not profiles/
+
     get_ident = monkey.get_original("_thread", "get_ident")
     loop_thread = get_ident()
-    started: dict[int, tuple[float, float]] = {}
 
-    def timed(phase: str, info: dict[str, int]) -> None:
-        if phase == "start":
-            started[get_ident()] = (time.perf_counter(), time.thread_time())
-        elif (begun := started.pop(get_ident(), None)) and time.perf_counter() - begun[0] > GC_SLOW_S:
+    def slow(info: dict[str, int], wall: float, cpu: float) -> None:
+        if wall > GC_SLOW_S:
             where = "the loop" if get_ident() == loop_thread else "another thread"
-            wall, cpu = time.perf_counter() - begun[0], time.thread_time() - begun[1]
             print(f"stall_watch: {time.strftime('%H:%M:%S')} gen{info['generation']} collection {1e3 * wall:.0f} ms "
                   f"wall, {1e3 * cpu:.0f} ms CPU, on {where}", file=sys.stderr, flush=True)
 
@@ -60,7 +58,7 @@ def post_worker_init(worker: object) -> None:
             beat[:16] = struct.pack("qd", os.getpid(), time.monotonic())
             gevent.sleep(0.01)
 
-    gc.callbacks.append(timed)
+    gc.callbacks.append(timed_collections(slow))
     gevent.spawn(pulse)
 
 

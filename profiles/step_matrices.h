@@ -44,11 +44,19 @@ static inline long step_bytes(int bytes64) {  /* inline: not every tool uses it 
 #define INT4_GROUP 64
 #define INT4_BYTES64 36
 
+/* An int4 matrix w's [N][K / INT4_GROUP] bf16 scales, after its nibbles, and as many offsets after them. */
+static inline const uint16_t *int4_scales_of(const char *w, const struct shape *sh) {
+    return (const uint16_t *)(w + sh->N * sh->K / 2);
+}
+static inline const uint16_t *int4_offsets_of(const char *w, const struct shape *sh) {
+    return int4_scales_of(w, sh) + sh->N * sh->K / INT4_GROUP;
+}
+
 /* The int4 matrices' scales and offsets in the step's buffer `buf` (INT4_BYTES64) as small bf16 values (random bytes
    would hold NaNs and infinities). */
 static inline void int4_scales_fill(char *buf) {
     EACH_MATRIX(buf, INT4_BYTES64, s, sh, w, {
-        uint16_t *scale = (uint16_t *)(w + sh->N * sh->K / 2);
+        uint16_t *scale = (uint16_t *)int4_scales_of(w, sh);
         for (long i = 0; i < 2 * sh->N * sh->K / INT4_GROUP; i++) scale[i] = (uint16_t)(0x3a00 + rand() % 0x200);
     });
 }

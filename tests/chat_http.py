@@ -97,6 +97,12 @@ def wait_for(predicate: Callable[[], T], timeout: float = 10.0, poll: float = 0.
     return value
 
 
+def wait_logged(predicate: Callable[[], T], what: str, srv: GunicornServer, timeout: float = 180.0,
+                poll: float = 0.2) -> T:
+    """wait_for, its failure saying what was waited for and the server's log."""
+    return wait_for(predicate, timeout, poll, lambda: f"timed out waiting for {what}; log:\n{srv.log()}")
+
+
 def server_stats(srv: GunicornServer) -> dict[str, Any]:
     return requests.get(f"{srv.url}/stats", timeout=30).json()
 

@@ -1,11 +1,11 @@
 """What the Responses API's tests share."""
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import openai
 
+from chat_http import wait_for
 from nanoqwen.api.responses_api import ResponseEvents
 from nanoqwen.engine.request import Event
 
@@ -23,8 +23,5 @@ def failed_stream(stream: ResponseEvents, events: list[Event], message: str = "b
 
 def polled(client: openai.OpenAI, response_id: str) -> Any:
     """The response once it is no longer queued or in progress (a background one, polled)."""
-    deadline = time.monotonic() + 60
-    while (response := client.responses.retrieve(response_id)).status in RUNNING:
-        assert time.monotonic() < deadline, response
-        time.sleep(0.02)
-    return response
+    return wait_for(lambda: (response := client.responses.retrieve(response_id)).status not in RUNNING and response,
+                    60, 0.02, f"response {response_id} to end: still queued or in progress after 60 s")

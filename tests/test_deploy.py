@@ -15,6 +15,7 @@ import threading
 import time
 import uuid
 from dataclasses import fields
+from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -35,6 +36,7 @@ from chat_http import (
     sse_events,
     sse_payloads,
     wait_for,
+    wait_logged,
 )
 from checkpoints import TOKEN_IDS
 from engine_util import hf_greedy
@@ -223,15 +225,33 @@ def test_nanoqwen_worker_without_the_config_runs_one_engine(tiny_checkpoint, tmp
     assert len(re.findall(r"\[INFO\] ready: ", log)) == 1 and "Traceback" not in log, log
 
 
+def _logged(srv: GunicornServer, request_id: str) -> str | None:
+    """The server's log once it holds the access line of the request with this id."""
+    return log if f"request_id={request_id}" in (log := srv.log()) else None
+
+
+def _running(srv: GunicornServer) -> bool:
+    """Whether the master still runs: a wait on its log ends at its exit, saying so, not at the timeout."""
+    assert srv._proc.poll() is None, f"gunicorn exited: {srv.log()}"
+    return True
+
+
+def _health_status(srv: GunicornServer) -> str | None:
+    """/health's status; None while the master does not listen yet. The first waits in the backlog while the worker
+    imports (15-20 s at a load of 5-8: 10 s timed out, lane torch42)."""
+    with contextlib.suppress(requests.ConnectionError):
+        return requests.get(f"{srv.url}/health", timeout=30).json().get("status")
+    return None
+
+
 def _exit_slept(srv: GunicornServer, timeout: float) -> tuple[int, float]:
     """The master's exit status, and the seconds its main thread slept until it exited: the wall time less the time it
     ran or waited for a CPU (its schedstat, still read while it is a zombie)."""
     stat = f"/proc/{srv.pid}/schedstat"
     started, (ran, preempted) = time.monotonic(), reported_schedstat(stat)
     # exited, not yet reaped
-    while os.waitid(os.P_PID, srv.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
-        assert time.monotonic() < started + timeout, "the master is still running"
-        time.sleep(0.01)
+    wait_for(lambda: os.waitid(os.P_PID, srv.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT), timeout, 0.01,
+             "the master is still running")
     ended, (ran_after, preempted_after) = time.monotonic(), schedstat(stat)
     return srv.wait(0), ended - started - (ran_after - ran) - (preempted_after - preempted)
 
@@ -246,9 +266,7 @@ def preloaded(tiny_checkpoint, tmp_path_factory):
     try:
         [worker] = re.findall(r"Booting worker with pid: (\d+)", srv.log())
         srv.interrupt()  # gunicorn's quick shutdown: the worker ends, then the master
-        deadline = time.monotonic() + 30
-        while pid_alive(int(worker)) and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_logged(lambda: not pid_alive(int(worker)), f"worker {worker}'s exit", srv, 30, 0.01)
         status, slept = _exit_slept(srv, 60)  # from the worker's end: its own exit (seconds under load) is not counted
     finally:
         srv.stop()
@@ -271,9 +289,9 @@ def test_ready_and_access_log_lines(preloaded):
     generated = requests.get(f"{preloaded.url}/health", timeout=10, headers={"X-Request-Id": "bad id with spaces"})
     request_id = generated.headers["X-Request-Id"]
     assert re.fullmatch(r"[0-9a-f]{32}", request_id)
-    deadline = time.monotonic() + 10  # gunicorn writes an access line after its response has gone out
-    while f"request_id={request_id}" not in (log := preloaded.log()) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    # gunicorn writes an access line after its response has gone out
+    log = wait_logged(partial(_logged, preloaded, request_id), f"request {request_id}'s access line", preloaded, 10,
+                      0.05)
     ready = re.findall(r"^\[[^]]+\] \[\d+\] \[INFO\] ready: (.*)$", log, re.MULTILINE)
     assert len(ready) == 1, log
     fields = dict(item.split("=", 1) for item in ready[0].split())
@@ -297,9 +315,8 @@ def test_a_path_cannot_forge_an_access_log_line(preloaded):
         request_id = uuid.uuid4().hex
         answer = requests.get(preloaded.url + path, timeout=10, headers={"X-Request-Id": request_id})
         assert answer.status_code == 404 and answer.headers["X-Request-Id"] == request_id
-        deadline = time.monotonic() + 10
-        while f"request_id={request_id}" not in (log := preloaded.log()) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        log = wait_logged(partial(_logged, preloaded, request_id), f"request {request_id}'s access line", preloaded, 10,
+                          0.05)
         line = rf'"GET {re.escape(logged)}" 404 \d+ \d+ms request_id={request_id}$'
         assert re.search(line, log, re.MULTILINE), log[-2000:]
     lines = preloaded.log().splitlines()
@@ -439,10 +456,8 @@ def test_a_worker_stopped_while_it_boots_exits_at_once(tiny_checkpoint, tmp_path
     held (SIGSTOP) from its first line until the master's signal is pending, so that it lands in that window."""
     srv = GunicornServer(cpu_env(tiny_checkpoint), tmp_path / "gunicorn.log").launch()
     try:
-        deadline = time.monotonic() + 60
-        while not (booting := re.search(r"Booting worker with pid: (\d+)", srv.log())):
-            assert time.monotonic() < deadline and srv._proc.poll() is None, srv.log()
-            time.sleep(0.002)
+        booting = wait_logged(lambda: _running(srv) and re.search(r"Booting worker with pid: (\d+)", srv.log()),
+                              "the worker's boot", srv, 60, 0.002)
         worker = int(booting[1])
         os.kill(worker, signal.SIGSTOP)
         getattr(srv, stop)()
@@ -462,14 +477,7 @@ def test_a_worker_stopped_while_its_model_loads_exits_without_the_load(tiny_chec
     without an active exception", SIGABRT). Nothing has been served: it exits at once, before any ready line."""
     srv = GunicornServer(cpu_env(tiny_checkpoint, NANOQWEN_QUANT="int8"), tmp_path / "gunicorn.log").launch()
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert time.monotonic() < deadline and srv._proc.poll() is None, srv.log()
-            with contextlib.suppress(requests.ConnectionError):  # the first waits in the backlog while the worker
-                # imports (15-20 s at a load of 5-8: 10 s timed out, lane torch42)
-                if requests.get(f"{srv.url}/health", timeout=30).json().get("status") == "loading":
-                    break
-            time.sleep(0.01)
+        wait_logged(lambda: _running(srv) and _health_status(srv) == "loading", '/health "loading"', srv, 60, 0.01)
         getattr(srv, stop)()
         status = srv.wait(60)
         log = srv.log()
@@ -498,9 +506,8 @@ def test_requests_answered_while_the_model_loads_do_not_count_towards_max_reques
         booted = srv.log().count("Booting worker")
         with srv.openai_client() as client:  # the second request since ready: the worker's last
             assert client.completions.create(model=MODEL, prompt="hi", max_tokens=2).choices[0].text
-        while srv.log().count("Booting worker") == booted:
-            assert time.monotonic() < deadline, srv.log()
-            time.sleep(0.05)
+        wait_logged(lambda: srv.log().count("Booting worker") > booted, "the worker's restart", srv,
+                    deadline - time.monotonic(), 0.05)
         srv.wait_healthy(120)
         log = srv.log()
     finally:
@@ -543,10 +550,8 @@ def test_a_worker_at_max_requests_does_not_wait_for_idle_keepalive_connections(t
             assert client.completions.create(model=MODEL, prompt="hi", max_tokens=2).choices[0].text  # two
             first = server_stats(srv)["workers"][0]["pid"]  # three, on a connection of its own
             assert "Autorestarting worker" in srv.log()
-            deadline = time.monotonic() + 30  # half the graceful timeout
-            while pid_alive(first):  # the client's connection still open in its pool
-                assert time.monotonic() < deadline, srv.log()
-                time.sleep(0.05)
+            # the client's connection still open in its pool; within half the graceful timeout
+            wait_logged(lambda: not pid_alive(first), f"worker {first}'s exit", srv, 30, 0.05)
             srv.wait_healthy(120)
             assert client.completions.create(model=MODEL, prompt="hi", max_tokens=2).choices[0].text
         log = srv.log()
@@ -575,10 +580,7 @@ def test_a_request_begun_before_max_requests_closes_its_connection_after_its_ans
                 answer += chunk
         head = answer.split(b"\r\n\r\n", 1)[0].lower()
         assert head.startswith(b"http/1.1 200") and b"connection: close" in head, answer
-        deadline = time.monotonic() + 20  # half the graceful timeout
-        while pid_alive(pid):
-            assert time.monotonic() < deadline, srv.log()
-            time.sleep(0.05)
+        wait_logged(lambda: not pid_alive(pid), f"worker {pid}'s exit", srv, 20, 0.05)  # half the graceful timeout
         log = srv.log()
     finally:
         srv.stop()

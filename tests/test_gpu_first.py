@@ -6,6 +6,7 @@ the named steps. GPU_FIRST_TIME_PERCENT shrinks every step's limit and minimum s
 seconds; the deadline itself is given in real seconds."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -46,6 +47,17 @@ def run(env: dict[str, str], out: Path, deadline: int, plan: str, percent: int) 
     env = {**env, "STUB_PLAN": plan, "GPU_FIRST_TIME_PERCENT": str(percent)}
     return subprocess.run(["bash", str(SCRIPT), str(out), str(deadline)], env=env, capture_output=True, text=True,
                           timeout=120)
+
+
+def in_session(sid: int) -> list[int]:
+    """The live processes of session `sid` (zombies are no longer running)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after the command's name: state, ppid, pgrp, session
+            if int(fields[3]) == sid and fields[0] != "Z":
+                pids.append(int(stat.parent.name))
+    return pids
 
 
 def statuses(out: Path) -> dict[str, str]:
@@ -111,5 +123,11 @@ def test_a_run_killed_mid_step_leaves_every_finished_step_packed(stub_env, tmp_p
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # as the device tool does at its limit: no cleanup runs
         proc.wait()
+        # `timeout` moved the step (and the stub's sleep) into a process group of its own, in the run's session: it
+        # would outlive the test by the step's limit
+        for pid in in_session(proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
     assert statuses(out) == {"env": "ok", "deps": "ok", "kernels": "ok", "tests": "running"}
     assert {"env/log.txt", "deps/log.txt", "kernels/out.txt"} <= archived(out)
+    wait_for(lambda: not in_session(proc.pid), 10, 0.05, "the run's processes to end with the test")

@@ -15,7 +15,7 @@ import pytest
 import requests
 from gevent import socket
 
-from chat_http import vllm_samples, wait_for
+from chat_http import vllm_samples, wait_logged
 from nanoqwen import worker
 from nanoqwen.api import shared_stats
 from nanoqwen.api.shared_stats import aggregate
@@ -100,10 +100,6 @@ def _get(srv: GunicornServer, path: str) -> requests.Response:
     return response
 
 
-def _wait_for(predicate, what: str, srv: GunicornServer, timeout: float = 180.0) -> Any:
-    return wait_for(predicate, timeout, 0.2, lambda: f"timed out waiting for {what}; log:\n{srv.log()}")
-
-
 def _workers(srv: GunicornServer) -> dict[int, dict[str, Any]]:
     return {w["slot"]: w for w in _get(srv, "/stats").json()["workers"]}
 
@@ -166,8 +162,8 @@ def test_two_workers_share_the_socket_add_up_and_respawn_into_their_slot(tiny_ch
     cpus = sorted(os.sched_getaffinity(0))
     env = {"NANOQWEN_MODEL": str(tiny_checkpoint), **CPU}
     with GunicornServer(env, tmp_path / "gunicorn.log", args=("--workers", "2")) as srv:
-        _wait_for(lambda: _metric(srv, "nanoqwen_model_ready") == 2.0, "both workers loaded", srv)
-        workers = _wait_for(lambda: (w := _workers(srv)) and len(w) == 2 and w, "both workers published", srv)
+        wait_logged(lambda: _metric(srv, "nanoqwen_model_ready") == 2.0, "both workers loaded", srv)
+        workers = wait_logged(lambda: (w := _workers(srv)) and len(w) == 2 and w, "both workers published", srv)
         assert sorted(workers) == [0, 1]
         shares = {slot: sorted(os.sched_getaffinity(w["pid"])) for slot, w in workers.items()}
         assert shares == {slot: cpu_share(cpus, slot, 2) for slot in (0, 1)}
@@ -175,8 +171,8 @@ def test_two_workers_share_the_socket_add_up_and_respawn_into_their_slot(tiny_ch
         with ThreadPoolExecutor(REQUESTS) as pool:
             assert list(pool.map(lambda i: _chat(srv, i), range(REQUESTS))) == [MAX_TOKENS] * REQUESTS
 
-        stats = _wait_for(lambda: (s := _get(srv, "/stats").json())["requests_served"] == REQUESTS and s,
-                          "every worker's snapshot to include its requests", srv, timeout=10)
+        stats = wait_logged(lambda: (s := _get(srv, "/stats").json())["requests_served"] == REQUESTS and s,
+                            "every worker's snapshot to include its requests", srv, timeout=10)
         per_worker = stats["workers"]
         assert all(w["requests_served"] > 0 for w in per_worker), per_worker  # both took requests
         for key in ("requests_served", "total_tokens_generated", "total_prompt_tokens"):
@@ -193,11 +189,11 @@ def test_two_workers_share_the_socket_add_up_and_respawn_into_their_slot(tiny_ch
 
         dead = workers[0]
         os.kill(dead["pid"], signal.SIGKILL)
-        respawned = _wait_for(lambda: (w := _workers(srv)) and len(w) == 2 and w[0]["pid"] != dead["pid"] and w,
-                              "slot 0 to come back", srv)
+        respawned = wait_logged(lambda: (w := _workers(srv)) and len(w) == 2 and w[0]["pid"] != dead["pid"] and w,
+                                "slot 0 to come back", srv)
         assert sorted(os.sched_getaffinity(respawned[0]["pid"])) == shares[0]
         assert respawned[1]["pid"] == workers[1]["pid"]
-        _wait_for(lambda: _metric(srv, "nanoqwen_model_ready") == 2.0, "the respawned worker loaded", srv)
+        wait_logged(lambda: _metric(srv, "nanoqwen_model_ready") == 2.0, "the respawned worker loaded", srv)
         # /stats covers the live workers; Prometheus counters keep what the dead one served.
         assert _get(srv, "/stats").json()["requests_served"] == per_worker[1]["requests_served"]
         assert _metric(srv, 'nanoqwen_requests_total{outcome="served"}') == REQUESTS
@@ -218,8 +214,8 @@ def test_preloaded_workers_still_get_their_own_slot(tiny_checkpoint: Path, tmp_p
     env = {"NANOQWEN_MODEL": str(tiny_checkpoint), **CPU}
     with GunicornServer(env, tmp_path / "gunicorn.log", args=("--workers", "2", "--preload")) as srv:
         # a worker publishes its slot before its model loads: until then it answers 503 "loading"
-        _wait_for(lambda: _metric(srv, "nanoqwen_model_ready") == 2.0, "both workers loaded", srv)
-        workers = _wait_for(lambda: (w := _workers(srv)) and len(w) == 2 and w, "both workers published", srv)
+        wait_logged(lambda: _metric(srv, "nanoqwen_model_ready") == 2.0, "both workers loaded", srv)
+        workers = wait_logged(lambda: (w := _workers(srv)) and len(w) == 2 and w, "both workers published", srv)
         assert {slot: sorted(os.sched_getaffinity(w["pid"])) for slot, w in workers.items()} == \
             {slot: cpu_share(cpus, slot, 2) for slot in (0, 1)}
         assert _chat(srv, 0) == MAX_TOKENS
@@ -237,8 +233,8 @@ def test_workers_serve_and_answer_stats_with_a_run_directory_they_cannot_write(t
     directory is back its maps are made with everything it recorded meanwhile."""
     env = {"NANOQWEN_MODEL": str(tiny_checkpoint), **CPU}
     with GunicornServer(env, tmp_path / "gunicorn.log", args=("--workers", "2")) as srv:
-        _wait_for(lambda: _metric(srv, "nanoqwen_model_ready") == 2.0, "both workers loaded", srv)
-        workers = _wait_for(lambda: (w := _workers(srv)) and len(w) == 2 and w, "both workers published", srv)
+        wait_logged(lambda: _metric(srv, "nanoqwen_model_ready") == 2.0, "both workers loaded", srv)
+        workers = wait_logged(lambda: (w := _workers(srv)) and len(w) == 2 and w, "both workers published", srv)
         run_dir = worker_run_dir(workers[0]["pid"])
         blocked = [run_dir / "stats" / f"{slot}.{w['pid']}.tmp" for slot, w in workers.items()]
         for path in blocked:
@@ -253,16 +249,16 @@ def test_workers_serve_and_answer_stats_with_a_run_directory_they_cannot_write(t
             path.rmdir()
 
         served = sum(_chat(srv, i) > 0 for i in range(2))
-        _wait_for(lambda: _get(srv, "/stats").json()["requests_served"] == served, "both requests published", srv,
-                  timeout=10)  # a worker's per-token counts since its last publish die with it
+        wait_logged(lambda: _get(srv, "/stats").json()["requests_served"] == served, "both requests published", srv,
+                    timeout=10)  # a worker's per-token counts since its last publish die with it
         metrics_dir = run_dir / "metrics"
         moved = metrics_dir.with_name("metrics.moved")
         metrics_dir.rename(moved)
         metrics_dir.write_text("not a directory")
         os.kill(workers[0]["pid"], signal.SIGKILL)
-        respawned = _wait_for(lambda: (w := _workers(srv)) and w.get(0, workers[0])["pid"] != workers[0]["pid"] and w,
-                              "slot 0 to come back", srv)[0]["pid"]
-        _wait_for(lambda: srv.log().count("ready: model=") == 3, "the respawned worker loaded", srv)
+        respawned = wait_logged(lambda: (w := _workers(srv)) and w.get(0, workers[0])["pid"] != workers[0]["pid"] and w,
+                                "slot 0 to come back", srv)[0]["pid"]
+        wait_logged(lambda: srv.log().count("ready: model=") == 3, "the respawned worker loaded", srv)
         with ThreadPoolExecutor(REQUESTS) as pool:
             assert list(pool.map(lambda i: _chat(srv, i), range(REQUESTS))) == [MAX_TOKENS] * REQUESTS
         served += REQUESTS
@@ -273,12 +269,13 @@ def test_workers_serve_and_answer_stats_with_a_run_directory_they_cannot_write(t
         metrics_dir.unlink()
         moved.rename(metrics_dir)
 
-        _wait_for(lambda: _metric(srv, 'nanoqwen_requests_total{outcome="served"}') == served,
-                  "every request counted, the respawned worker's included", srv, timeout=10)
+        wait_logged(lambda: _metric(srv, 'nanoqwen_requests_total{outcome="served"}') == served,
+                    "every request counted, the respawned worker's included", srv, timeout=10)
         assert f'nanoqwen_kv_cache_usage{{pid="{respawned}"}}' in _get(srv, "/metrics").text
         # a scrape may make the maps before the worker's loop tries again and says so
-        log = _wait_for(lambda: f"worker {respawned}: its statistics are published again" in (log := srv.log()) and log,
-                        "the worker's loop to publish again", srv, timeout=10)
+        again = f"worker {respawned}: its statistics are published again"
+        log = wait_logged(lambda: again in (log := srv.log()) and log, "the worker's loop to publish again", srv,
+                          timeout=10)
         assert f"worker {respawned}: its statistics are not published" in log and "Traceback" not in log
 
 
@@ -290,8 +287,8 @@ def test_a_scrape_reads_the_maps_off_the_event_loop(tiny_checkpoint: Path, tmp_p
     env = {"NANOQWEN_MODEL": str(tiny_checkpoint), **CPU}
     with GunicornServer(env, tmp_path / "gunicorn.log") as srv:
         assert _chat(srv, 0) == MAX_TOKENS
-        [worker] = _wait_for(lambda: (w := _workers(srv)) and w[0]["requests_served"] == 1 and w.values(),
-                             "the request published", srv, timeout=10)
+        [worker] = wait_logged(lambda: (w := _workers(srv)) and w[0]["requests_served"] == 1 and w.values(),
+                               "the request published", srv, timeout=10)
 
         def scraped() -> tuple[str, float]:
             return _get(srv, "/metrics?name[]=nanoqwen_requests_total").text, time.monotonic()

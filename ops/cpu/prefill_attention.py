@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import itertools
 
 import torch
 
@@ -146,27 +147,19 @@ def _prefix(cache: torch.Tensor, blocks: torch.Tensor, tokens: int) -> torch.Ten
 
 
 def prefill_attention_cpu(
-    q: torch.Tensor,  # [N, Hq, D], the new tokens of all sequences, concatenated
-    k: torch.Tensor,  # [N, Hkv, D]
-    v: torch.Tensor,  # [N, Hkv, D]
-    k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D], already holding k/v of the new tokens
-    v_cache: torch.Tensor,
-    block_tables: torch.Tensor,  # [S, W] int32
-    query_lens: list[int],  # new tokens per sequence
-    context_lens: list[int],  # cached + new tokens per sequence
-    scale: float,
-) -> torch.Tensor:  # [N, Hq, D]
-    """Every sequence to the C kernel's tiles in one call (bf16 where tiles_serve() says so); else those of at
-    most C_MAX_NEW new tokens after a cached prefix to its AVX2 loops, in one call, the rest to SDPA's fused kernels."""
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    block_tables: torch.Tensor, query_lens: list[int], context_lens: list[int], scale: float,
+) -> torch.Tensor:
+    """ops.kernels.PrefillAttention (its arguments' shapes there). Every sequence to the C kernel's tiles in one call
+    (bf16 where tiles_serve() says so); else those of at most C_MAX_NEW new tokens after a cached prefix to its AVX2
+    loops, in one call, the rest to SDPA's fused kernels."""
     if q.dtype == torch.bfloat16 and tiles_serve(q.shape[2]):
         return prefill_attention_kernel(q, k_cache, v_cache, block_tables, query_lens, context_lens, scale, True)
     small = [n < c and n <= C_MAX_NEW for n, c in zip(query_lens, context_lens)]
     if all(small):
         return prefill_attention_kernel(q, k_cache, v_cache, block_tables, query_lens, context_lens, scale, False)
     out = torch.empty_like(q)
-    starts = [0]
-    for n in query_lens:
-        starts.append(starts[-1] + n)
+    starts = list(itertools.accumulate(query_lens, initial=0))
     seqs = [s for s, is_small in enumerate(small) if is_small]
     if seqs:
         rows = torch.cat([torch.arange(starts[s], starts[s + 1]) for s in seqs])

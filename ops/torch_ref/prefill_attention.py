@@ -41,16 +41,10 @@ def _attend_after_prefix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scal
 
 
 def prefill_attention_torch(
-    q: torch.Tensor,  # [N, Hq, D], the new tokens of all sequences, concatenated
-    k: torch.Tensor,  # [N, Hkv, D]
-    v: torch.Tensor,  # [N, Hkv, D]
-    k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D], already holding k/v of the new tokens
-    v_cache: torch.Tensor,
-    block_tables: torch.Tensor,  # [S, W] int32
-    query_lens: list[int],  # new tokens per sequence
-    context_lens: list[int],  # cached + new tokens per sequence
-    scale: float,
-) -> torch.Tensor:  # [N, Hq, D]
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    block_tables: torch.Tensor, query_lens: list[int], context_lens: list[int], scale: float,
+) -> torch.Tensor:
+    """ops.kernels.PrefillAttention (its arguments' shapes there): per sequence, in Python."""
     block_size = k_cache.shape[1]
     out = torch.empty_like(q)
     start = 0

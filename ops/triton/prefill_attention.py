@@ -8,6 +8,8 @@ cached prefix: new token i of a sequence with c cached tokens sees keys [0, c + 
 """
 from __future__ import annotations
 
+import itertools
+
 import torch
 import triton
 import triton.language as tl
@@ -83,27 +85,19 @@ def tile_list(query_lens: list[int], context_lens: list[int], block_m: int) -> l
 
 
 def prefill_attention_triton(
-    q: torch.Tensor,  # [N, Hq, D], the new tokens of all sequences, concatenated; unit stride along D
-    k: torch.Tensor,  # [N, Hkv, D] (already in the cache: unused)
-    v: torch.Tensor,
-    k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D], already holding k/v of the new tokens
-    v_cache: torch.Tensor,
-    block_tables: torch.Tensor,  # [S, W] int32
-    query_lens: list[int],  # new tokens per sequence
-    context_lens: list[int],  # cached + new tokens per sequence
-    scale: float,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    block_tables: torch.Tensor, query_lens: list[int], context_lens: list[int], scale: float,
     block_rows: int = BLOCK_ROWS,
-) -> torch.Tensor:  # [N, Hq, D]
-    """Triton version of `prefill_attention_torch`: one launch for all sequences, K/V read through the tables."""
+) -> torch.Tensor:
+    """ops.kernels.PrefillAttention (its arguments' shapes there), q and the caches of unit stride along D: one launch
+    for all sequences, K/V read through the tables (k and v, already in the cache, unused)."""
     num_tokens, num_q_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     group = num_q_heads // num_kv_heads
     group_pad = triton.next_power_of_2(group)
     block_m = max(1, block_rows // group_pad)
     assert q.stride(-1) == k_cache.stride(-1) == v_cache.stride(-1) == 1, "the head dim must be contiguous"
-    starts = [0]
-    for q_len in query_lens[:-1]:
-        starts.append(starts[-1] + q_len)
+    starts = list(itertools.accumulate(query_lens[:-1], initial=0))
     tiles = tile_list(query_lens, context_lens, block_m)
     flat = [x for tile in tiles for x in tile] + [x for row in zip(starts, query_lens, context_lens) for x in row]
     host = torch.tensor(flat, dtype=torch.int32)
