@@ -24,4 +24,5 @@ def failed_stream(stream: ResponseEvents, events: list[Event], message: str = "b
 def polled(client: openai.OpenAI, response_id: str) -> Any:
     """The response once it is no longer queued or in progress (a background one, polled)."""
     return wait_for(lambda: (response := client.responses.retrieve(response_id)).status not in RUNNING and response,
-                    60, 0.02, f"response {response_id} to end: still queued or in progress after 60 s")
+                    60, 0.02, lambda: f"response {response_id} to end: still "
+                                      f"{client.responses.retrieve(response_id).status} after 60 s")

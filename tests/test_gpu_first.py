@@ -124,10 +124,15 @@ def test_a_run_killed_mid_step_leaves_every_finished_step_packed(stub_env, tmp_p
         os.killpg(proc.pid, signal.SIGKILL)  # as the device tool does at its limit: no cleanup runs
         proc.wait()
         # `timeout` moved the step (and the stub's sleep) into a process group of its own, in the run's session: it
-        # would outlive the test by the step's limit
-        for pid in in_session(proc.pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        # would outlive the test by the step's limit. Killed until none is left: a step's shell still alive starts
+        # its next command when the one before is killed
+        wait_for(lambda: not _killed(in_session(proc.pid)), 10, 0.05, "the run's processes to end with the test")
     assert statuses(out) == {"env": "ok", "deps": "ok", "kernels": "ok", "tests": "running"}
     assert {"env/log.txt", "deps/log.txt", "kernels/out.txt"} <= archived(out)
-    wait_for(lambda: not in_session(proc.pid), 10, 0.05, "the run's processes to end with the test")
+
+
+def _killed(pids: list[int]) -> list[int]:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return pids
