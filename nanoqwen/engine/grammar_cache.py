@@ -65,9 +65,10 @@ class GrammarCache(Generic[K, G]):
 
     max_entries: int
     max_bytes: int
-    entries: collections.OrderedDict[K, G] = field(default_factory=collections.OrderedDict)
-    bytes: int = 0
-    _keys: collections.Counter[int] = field(default_factory=collections.Counter)  # by id(grammar): its keys here
+    entries: collections.OrderedDict[K, G] = field(default_factory=collections.OrderedDict, init=False)
+    bytes: int = field(default=0, init=False)
+    # by id(grammar): its keys here
+    _keys: collections.Counter[int] = field(default_factory=collections.Counter, init=False, repr=False)
 
     def get(self, key: K) -> G | None:
         """The grammar under `key`, now the most recently used; None on a miss."""
