@@ -59,6 +59,8 @@ ENGINE_OPTIONS = (
               "model's max_position_embeddings)", int),
     EnvOption("--max-queue", "NANOQWEN_MAX_QUEUE", "waiting requests before the server answers 503 (a legacy "
               "completion's prompts, queued together: more of them is a 400)", int),
+    EnvOption("--grammar-cache-memory", "NANOQWEN_GRAMMAR_CACHE_MEMORY", "bytes the compiled grammars a worker "
+              "keeps for requests sent again may hold, the least recently used dropped first", int),
     EnvOption("--kv-cache-memory", "NANOQWEN_KV_CACHE_MEMORY", "bytes for the KV pool (default: CUDA "
               f"{CUDA_KV_SHARE * 100:.0f}%% of free memory - {CUDA_KV_RESERVE_BYTES >> 30} GiB, CPU/MPS "
               f"{HOST_KV_BYTES >> 30} GiB)", float),

@@ -19,6 +19,9 @@ GRACEFUL_TIMEOUT_S = 30  # SIGTERM: running streams get this long to finish, the
 CUDA_KV_SHARE = 0.8
 CUDA_KV_RESERVE_BYTES = 1 << 30
 HOST_KV_BYTES = 2 << 30
+# What the compiled grammars a worker keeps may hold (nanoqwen/engine/grammar_cache.py): the 128 of typical requests
+# hold ~10-50 MB, 17 of the largest a request may send (a 4,900-property object: ~15 MB) 256 MB
+GRAMMAR_CACHE_BYTES = 256 << 20
 # A switch's words, either way; any other is refused, not read as off
 SWITCH_WORDS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
 
@@ -85,6 +88,7 @@ class EngineConfig:
     max_batch: int = 32  # sequences decoded together
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     max_queue: int = 256  # waiting requests before submit() refuses
+    grammar_cache_memory: int = GRAMMAR_CACHE_BYTES  # bytes the cached compiled grammars may hold
     block_size: int = 16  # tokens per KV block
     kv_cache_memory: float = 0.0  # bytes for the KV pool; 0 = derive from the device
     num_kv_blocks: int = 0  # fixed pool size in blocks (overrides kv_cache_memory); 0 = from memory
@@ -126,7 +130,7 @@ class EngineConfig:
                              f"got {self.generation_config!r}")
         if self.threads < 0:
             raise ValueError("threads must be at least 1 (or 0 for the CPUs this process may use)")
-        for name in ("max_batch", "max_queue", "block_size", "max_prefill_tokens"):
+        for name in ("max_batch", "max_queue", "block_size", "max_prefill_tokens", "grammar_cache_memory"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         if self.max_step_tokens is None:

@@ -108,7 +108,7 @@ def _watch_memory(every_s: float, sleep: Callable[[float], None]) -> None:
         info, mb = mallinfo2(), 2**20
         print(f"{MEMORY_WATCH_LINE}{time.monotonic():.3f} rss_mb={_rss_mb():.0f} anon_mb={_anon_mb():.0f} "
               f"malloc_used_mb={(info.uordblks + info.hblkhd) / mb:.1f} malloc_free_mb={info.fordblks / mb:.1f} "
-              f"py_blocks={sys.getallocatedblocks()} grammars={len(engine.grammars._cache)} "
+              f"py_blocks={sys.getallocatedblocks()} grammars={engine.grammars.cache_stats()[0]} "
               f"chats={sum(len(s._entries.entries) for s in chats)}/{sum(s._entries.bytes for s in chats)} "
               f"responses={sum(len(s._entries.entries) for s in responses)}/{sum(s._entries.bytes for s in responses)}"
               f" finished={engine.requests_finished}", file=sys.stderr, flush=True)

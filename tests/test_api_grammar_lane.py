@@ -246,7 +246,7 @@ def test_a_forced_call_beside_a_response_format_past_the_bounds_in_all_compiles_
     with pytest.raises(InvalidRequest, match="properties in all") as refused:
         structured.output_grammar(serving, parse_chat_request(body, None))
     assert refused.value.param == "response_format"
-    assert not serving.engine.grammars._cache
+    assert serving.engine.grammars.cache_stats() == (0, 0)
 
 
 def test_a_changed_response_format_beside_the_same_forced_tools_finds_their_calls_compiled(

@@ -170,6 +170,8 @@ def test_a_switch_reads_its_words_either_way(raw, on):
     ("KV_CACHE_MEMORY", "nan", "kv_cache_memory must be a finite number"),
     ("KV_CACHE_MEMORY", "inf", "kv_cache_memory must be a finite number"),
     ("NUM_KV_BLOCKS", "-3", "num_kv_blocks must be 0"),
+    # no bound at all on the cached grammars' bytes, where one request's may hold 15 MB
+    ("GRAMMAR_CACHE_MEMORY", "0", "grammar_cache_memory must be at least 1"),
 ])
 def test_a_bad_engine_setting_is_refused_naming_it(name, raw, message):
     with pytest.raises(ValueError, match=re.escape(message)):

@@ -80,15 +80,17 @@ def test_aggregate_sums_counts_and_weights_the_mean():
     base = {"ttft_p50_ms": 0.0, "ttft_p99_ms": 0.0, "itl_p50_ms": 0.0, "itl_p99_ms": 0.0, "uptime": 1.0,
             "kv_cache_usage": 0.0, "prefix_cache_hit_rate": 0.0, "queue_length": 0, "active_requests": 0,
             "requests_aborted": 0, "requests_failed": 0, "total_prompt_tokens": 0, "tokens_per_second": 0.0,
-            "preemptions": 0, "engine_tokens_generated": 0, "graph_compiles": 0, "spec_decode_num_drafts": 0}
+            "preemptions": 0, "engine_tokens_generated": 0, "graph_compiles": 0, "spec_decode_num_drafts": 0,
+            "grammars_cached": 0, "grammar_cache_bytes": 0}
     a = base | {"requests_served": 1, "total_tokens_generated": 5, "average_response_time": 1.0, "ttft_p99_ms": 9.0,
                 "kv_cache_usage": 0.2, "spec_decode_num_draft_tokens": 10, "spec_decode_num_accepted_tokens": 2,
-                "graph_compiles": 8}
+                "graph_compiles": 8, "grammar_cache_bytes": 1 << 20}
     b = base | {"requests_served": 3, "total_tokens_generated": 7, "average_response_time": 3.0, "ttft_p99_ms": 4.0,
                 "kv_cache_usage": 0.4, "spec_decode_num_draft_tokens": 30, "spec_decode_num_accepted_tokens": 18,
-                "graph_compiles": 4}
+                "graph_compiles": 4, "grammar_cache_bytes": 2 << 20}
     total = aggregate([a, b])
     assert (total["requests_served"], total["total_tokens_generated"], total["graph_compiles"]) == (4, 12, 12)
+    assert total["grammar_cache_bytes"] == 3 << 20  # each worker's cache its own
     assert total["average_response_time"] == pytest.approx(2.5) and total["ttft_p99_ms"] == 9.0
     assert total["kv_cache_usage"] == pytest.approx(0.3)
     assert total["spec_decode_acceptance_rate"] == pytest.approx(0.5)  # 20 of 40, not the mean of the rates

@@ -466,6 +466,8 @@ class ServerStats:
             "spec_decode_acceptance_rate": engine.get("spec_decode_acceptance_rate", 0.0),
             "engine_tokens_generated": engine.get("tokens_generated", 0),  # aborted requests' included
             "graph_compiles": engine.get("graph_compiles", 0),
+            "grammars_cached": engine.get("grammars_cached", 0),
+            "grammar_cache_bytes": engine.get("grammar_cache_bytes", 0),
             "uptime": time.time() - self.started,
             "pid": os.getpid(),
             "slot": 0 if self._shared is None else self._shared.slot,

@@ -33,7 +33,7 @@ SPEC_DECODE_COUNTS = {
 }
 SUMMED = ("requests_served", "total_tokens_generated", "queue_length", "active_requests", "requests_aborted",
           "requests_failed", "total_prompt_tokens", "tokens_per_second", "preemptions", "engine_tokens_generated",
-          "graph_compiles", *SPEC_DECODE_COUNTS)
+          "graph_compiles", "grammars_cached", "grammar_cache_bytes", *SPEC_DECODE_COUNTS)
 WORST = ("ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "uptime")  # percentiles don't add up
 AVERAGED = ("kv_cache_usage", "prefix_cache_hit_rate")  # every worker has the same pool size
 

@@ -110,7 +110,7 @@ class Engine:
         self.sampling_defaults = self.generation.sampling() if cfg.generation_config == "auto" else {}
         self.think_ids = loaded.think_ids
         self.grammars = Grammars(self.tokenizer, self.token_bytes, self.model_config.vocab_size,
-                                 self.generation.eos_token_ids)
+                                 self.generation.eos_token_ids, cfg.grammar_cache_memory)
         self.block_manager = BlockManager(runtime.num_kv_blocks, runtime.block_size, cfg.enable_prefix_caching)
         spec = runtime.speculative
         self.scheduler = Scheduler(self.block_manager, runtime.max_batch, cfg.max_prefill_tokens, cfg.max_step_tokens,
@@ -326,6 +326,8 @@ class Engine:
         queries = blocks.prefix_queries if blocks else 0
         hits = blocks.prefix_hits if blocks else 0
         runner = getattr(self, "runner", None)
+        grammars = getattr(self, "grammars", None)
+        cached, cached_bytes = grammars.cache_stats() if grammars else (0, 0)
         return {
             "queue_length": queued,
             "active_requests": active,
@@ -346,6 +348,8 @@ class Engine:
             if self.spec_draft_tokens else 0.0,
             # NANOQWEN_GRAPH=compile's graphs, all made while loading: a count that grows after is a request's wait
             "graph_compiles": runner.graphs.compiles if runner else 0,
+            "grammars_cached": cached,  # keys: one grammar may be under several
+            "grammar_cache_bytes": cached_bytes,
             "step_buckets": self.steps.buckets.copy(),  # a copy: the engine thread adds to it
             "step_tokens": self.steps.tokens,
             # the KV cache's configuration, once loaded (vLLM's cache_config_info)

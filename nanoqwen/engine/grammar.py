@@ -12,7 +12,6 @@ vLLM's `disable_any_whitespace` asks for "," and ":" (what its guidance backend 
 """
 from __future__ import annotations
 
-import collections
 import contextlib
 import itertools
 import json
@@ -31,6 +30,7 @@ from llguidance import LLMatcher
 from nanoqwen.engine.alike_chains import ManyOptions
 from nanoqwen.engine.call_arguments import call_arguments
 from nanoqwen.engine.gbnf import grammar_from_text, is_gbnf
+from nanoqwen.engine.grammar_cache import GrammarCache, charged, heap_used
 from nanoqwen.engine.grammar_rows import (
     DeepNesting,
     LongReference,
@@ -56,6 +56,7 @@ from nanoqwen.engine.schema_values import KEY_WEIGHT, MAX_VALUES, values_weight
 from nanoqwen.engine.threads import native_lock
 from nanoqwen.engine.validation import InvalidRequest
 from nanoqwen.sampler import token_bitmask
+from nanoqwen.settings import GRAMMAR_CACHE_BYTES
 from nanoqwen.text import TokenBytes
 
 if TYPE_CHECKING:
@@ -69,7 +70,10 @@ GrammarKey = str | tuple[str, str]  # the cache's: a grammar's text, or what a r
 # For a grammar we generated: what the client sent that a line of it (from 1) came from, and the index of its schema
 # among the grammar's (tool_calls': each tool's, then the answer's; None: our own rules)
 Origin = Callable[[int], tuple[str, int | None]]
-CACHE_SIZE = 128  # compiled grammars kept (keyed by their text, or by what a request sent for from_text's)
+# Compiled grammars kept (keyed by their text, or by what a request sent for them), and bounded by their bytes too
+# (EngineConfig.grammar_cache_memory: one grammar within every request bound holds up to ~15-28 MB, typical ones
+# 0.1-0.4 MB; profiles/RESULTS.md, lanes rss43 and cache43)
+CACHE_SIZE = 128
 # What llguidance appends to an error's message: a Rust panic's backtrace (past its grammar symbol count), and in place
 # of the parser's state (LIMITS' verbose_errors=False) a marker.
 APPENDED = re.compile(r"\n<(?:backtrace|non-verbose/)>")
@@ -279,6 +283,7 @@ class Grammar:
     # A choice's matcher erred (its fuel spent): the copies share the template's lexer, whose error stays, so the
     # cache compiles the text afresh for the next request (Grammars.cached)
     spoiled: bool = False
+    size: int = 0  # the bytes it holds, as the cache charges them (grammar_cache.charged)
 
     def matcher(self) -> LLMatcher:
         return self.template.deep_copy()
@@ -372,7 +377,8 @@ class Grammars:
     """Compiles grammars for one tokenizer; thread-safe (called from the API's worker threads)."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerFast, token_bytes: TokenBytes, vocab_size: int,
-                 eos_ids: list[int]) -> None:
+                 eos_ids: list[int], cache_bytes: int = GRAMMAR_CACHE_BYTES) -> None:
+        """`cache_bytes`: the most the cached grammars may hold (EngineConfig.grammar_cache_memory)."""
         self._hf = tokenizer
         self.vocab_size = vocab_size
         self.eos_ids = list(eos_ids)
@@ -384,7 +390,7 @@ class Grammars:
         trie = llguidance.LLTokenizer(vocabulary, n_vocab=vocab_size, eos_token=self.eos_ids, slices=[])
         self._tokenizer = trie.with_slices(llguidance.LLTokenizer.general_slices())
         self._lock = native_lock()
-        self._cache: collections.OrderedDict[GrammarKey, Grammar] = collections.OrderedDict()
+        self._cache: GrammarCache[GrammarKey, Grammar] = GrammarCache(CACHE_SIZE, cache_bytes)
 
     def json_schema(self, schema: dict[str, Any], strict: bool, param: str, no_space: bool = False,
                     key: GrammarKey | None = None, merges: Merges | None = None) -> Grammar:
@@ -476,11 +482,14 @@ class Grammars:
         with self._lock:
             grammar = self._cache.get(key)
             if grammar is not None and grammar.spoiled:
-                del self._cache[key]
+                self._cache.pop(key)
                 return None
-            if grammar is not None:
-                self._cache.move_to_end(key)
         return grammar
+
+    def cache_stats(self) -> tuple[int, int]:
+        """(the keys cached, the bytes their grammars hold)."""
+        with self._lock:
+            return len(self._cache.entries), self._cache.bytes
 
     def compile(self, text: str, param: str, key: GrammarKey | None = None,
                 bounded: Callable[[], int] | None = None, origin: Origin | None = None) -> Grammar:
@@ -501,6 +510,7 @@ class Grammars:
             check_bounds(text, param)
         else:
             bounded()
+        before = heap_used()
         try:
             template = LLMatcher(self._tokenizer, text, log_level=0, limits=LIMITS)  # drops the GIL while it compiles
         except (ValueError, RuntimeError) as exc:
@@ -508,14 +518,13 @@ class Grammars:
         first_mask = None if template.is_error() else self._first_mask(template)
         if first_mask is None or template.is_error():
             raise _invalid(param, template.get_error(), origin)
-        return self.keep(key, Grammar(text, template, first_mask, promises=not template.is_accepting()))
+        grammar = Grammar(text, template, first_mask, promises=not template.is_accepting(), size=charged(before, text))
+        return self.keep(key, grammar)
 
     def keep(self, key: GrammarKey, grammar: Grammar) -> Grammar:
         """`grammar` cached under `key` (one grammar may be under several: what different requests sent for it)."""
         with self._lock:
-            self._cache[key] = grammar
-            while len(self._cache) > CACHE_SIZE:
-                self._cache.popitem(last=False)
+            self._cache.put(key, grammar)
         return grammar
 
     def _first_mask(self, template: LLMatcher) -> np.ndarray:

@@ -1,0 +1,102 @@
+"""The compiled grammars kept for requests that send the same again, bounded by count and by the bytes they hold, the
+least recently used dropped first.
+
+llguidance reports no size for a matcher, and its text is no measure of one (the regex `a{30000}`, 10 characters,
+holds 11 MB once its first mask has built the lexer; a 4,900-property object 15 MB: profiles/RESULTS.md, lane
+cache43). A grammar is charged what malloc handed out across its compile and first mask (heap_used before and after,
+on the compiling thread: llguidance's Rust allocates through the C library's malloc). malloc's count is the process's:
+a compile that runs beside another is charged the other's allocations too (two 15 MB compiles at once: ~26-30 MB
+each), erring high; what other threads free meanwhile errs it low. Its text, made before, is added. Where the C library
+has no mallinfo2 (not glibc) the text alone is charged, and the count is what bounds the cache."""
+from __future__ import annotations
+
+import collections
+import ctypes
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+from typing import Generic, Protocol, TypeVar
+
+
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def _mallinfo2() -> Callable[[], _Mallinfo2] | None:
+    try:
+        call = ctypes.CDLL(None).mallinfo2
+    except (OSError, AttributeError):  # not glibc (or one older than 2.33)
+        return None
+    call.restype = _Mallinfo2
+    return call
+
+
+_MALLINFO2 = _mallinfo2()
+
+
+def heap_used() -> int | None:
+    """The bytes malloc has handed out and not had back (its arenas' and its own mmaps'); None where unknown."""
+    if _MALLINFO2 is None:
+        return None
+    info = _MALLINFO2()
+    return info.uordblks + info.hblkhd
+
+
+def charged(before: int | None, text: str) -> int:
+    """The bytes a grammar of `text` is charged, compiled since heap_used() was `before`: those, and its text (made
+    before, held beside it)."""
+    after = heap_used()
+    return len(text) + (0 if before is None or after is None else max(after - before, 0))
+
+
+class Sized(Protocol):
+    @property
+    def size(self) -> int: ...
+
+
+K = TypeVar("K", bound=Hashable)
+G = TypeVar("G", bound=Sized)
+
+
+@dataclass
+class GrammarCache(Generic[K, G]):
+    """Grammars by key, oldest (least recently used) first; one grammar may be under several keys (what different
+    requests sent for it), its bytes counted once. Not locked: its owner's lock covers it."""
+
+    max_entries: int
+    max_bytes: int
+    entries: collections.OrderedDict[K, G] = field(default_factory=collections.OrderedDict, init=False)
+    bytes: int = field(default=0, init=False)
+    # by id(grammar): its keys here
+    _keys: collections.Counter[int] = field(default_factory=collections.Counter, init=False, repr=False)
+
+    def get(self, key: K) -> G | None:
+        """The grammar under `key`, now the most recently used; None on a miss."""
+        grammar = self.entries.get(key)
+        if grammar is not None:
+            self.entries.move_to_end(key)
+        return grammar
+
+    def put(self, key: K, grammar: G) -> None:
+        """`grammar` under `key` as the most recently used; the oldest keys go until both bounds hold, or until it is
+        the only one (a grammar past max_bytes alone is kept: it serves its request sent again)."""
+        self.pop(key)
+        self.entries[key] = grammar
+        self._held(grammar, 1)
+        while len(self.entries) > 1 and (len(self.entries) > self.max_entries or self.bytes > self.max_bytes):
+            self.pop(next(iter(self.entries)))
+
+    def pop(self, key: K) -> G | None:
+        grammar = self.entries.pop(key, None)
+        if grammar is not None:
+            self._held(grammar, -1)
+        return grammar
+
+    def _held(self, grammar: G, keys: int) -> None:
+        """One key more (1) or fewer (-1) for `grammar`: its bytes counted while any key holds it."""
+        held = self._keys[id(grammar)]
+        self._keys[id(grammar)] += keys
+        if not held or not self._keys[id(grammar)]:
+            self.bytes += keys * grammar.size
+        if not self._keys[id(grammar)]:
+            del self._keys[id(grammar)]

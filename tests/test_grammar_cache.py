@@ -1,0 +1,83 @@
+"""The compiled-grammar cache bounded by the bytes its grammars hold, not only by their count: each grammar charged
+what malloc handed out across its compile and first mask (a 10-character regex may hold 11 MB), the oldest dropped,
+in the engine and through a served worker's /stats."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from transformers import PreTrainedTokenizerFast
+
+from chat_http import MODEL, cpu_env, server_stats
+from checkpoints import EOS_IDS, VOCAB_SIZE
+from nanoqwen.engine.grammar import Grammars
+from nanoqwen.engine.grammar_cache import GrammarCache, heap_used
+from nanoqwen.loader import load_tokenizer
+from nanoqwen.text import TokenBytes
+from server_process import GunicornServer
+
+BUDGET = 24 << 20
+BIG = 8 << 20  # the least a `b{i}a{30000}` regex holds once its first mask has built its lexer (~11 MB)
+
+
+def big_regex(i: int) -> str:
+    return f"b{i}a{{30000}}"
+
+
+@dataclass
+class Sized:
+    size: int
+
+
+def test_cache_drops_the_oldest_past_its_bytes_and_counts_a_shared_grammar_once() -> None:
+    cache: GrammarCache[str, Sized] = GrammarCache(max_entries=8, max_bytes=25)
+    a, b, c = Sized(10), Sized(10), Sized(10)
+    cache.put("a", a)
+    cache.put("b", b)
+    cache.put("b again", b)  # what another request sent for the same grammar
+    assert cache.bytes == 20 and list(cache.entries) == ["a", "b", "b again"]
+    assert cache.get("a") is a  # now the most recently used
+    cache.put("c", c)
+    assert list(cache.entries) == ["a", "c"] and cache.bytes == 20  # b's keys went, then its bytes
+    huge = Sized(100)
+    cache.put("huge", huge)  # past the budget alone: kept alone, to serve its request sent again
+    assert list(cache.entries) == ["huge"] and cache.bytes == 100
+    cache.put("a", a)
+    assert list(cache.entries) == ["a"] and cache.bytes == 10
+
+
+@pytest.mark.skipif(heap_used() is None, reason="malloc's count (glibc's mallinfo2) is what the cache measures")
+def test_grammars_charged_what_they_hold_and_kept_within_the_budget(tiny_checkpoint: Path) -> None:
+    tokenizer: PreTrainedTokenizerFast = load_tokenizer(tiny_checkpoint)
+    grammars = Grammars(tokenizer, TokenBytes(tokenizer), VOCAB_SIZE, EOS_IDS, cache_bytes=BUDGET)
+    made = [grammars.from_text("regex", big_regex(i), "structured_outputs.regex") for i in range(3)]
+    assert all(grammar.size > BIG for grammar in made)
+    cached, held = grammars.cache_stats()
+    assert cached == 2 and held == made[1].size + made[2].size <= BUDGET
+    assert grammars.cached(("regex", big_regex(0))) is None  # the oldest went
+    assert grammars.cached(("regex", big_regex(2))) is made[2]
+    small = grammars.json_schema({"type": "object"}, strict=False, param="response_format")
+    assert 0 < small.size < 1 << 20
+
+
+@pytest.mark.skipif(heap_used() is None, reason="malloc's count (glibc's mallinfo2) is what the cache measures")
+def test_served_worker_keeps_its_grammars_within_the_budget(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """Through gunicorn and the openai client: distinct regexes of ~11 MB each, 4 of them past the 24 MiB set; the
+    worker's /stats reports the cache's bytes within it (profiles/grammar_cache_flood.py watches its RSS)."""
+    env = cpu_env(tiny_checkpoint, NANOQWEN_GRAMMAR_CACHE_MEMORY=str(BUDGET))
+    with GunicornServer(env, tmp_path / "gunicorn.log") as srv:
+        client = srv.openai_client()
+
+        def constrained(regex: str) -> None:
+            client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=1,
+                                           extra_body={"structured_outputs": {"regex": regex}})
+
+        constrained("a+")
+        worker = server_stats(srv)["workers"][0]
+        for i in range(4):
+            constrained(big_regex(i))
+        stats = server_stats(srv)
+        assert stats["grammars_cached"] == 2  # "a+" and the first two went
+        assert BIG * 2 < stats["grammar_cache_bytes"] <= BUDGET
+        assert worker["grammar_cache_bytes"] < 1 << 20
