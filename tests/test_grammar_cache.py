@@ -11,6 +11,7 @@ from transformers import PreTrainedTokenizerFast
 
 from chat_http import MODEL, cpu_env, server_stats
 from checkpoints import EOS_IDS, VOCAB_SIZE
+from nanoqwen.engine import grammar as grammar_module
 from nanoqwen.engine.grammar import Grammars
 from nanoqwen.engine.grammar_cache import GrammarCache, heap_used
 from nanoqwen.loader import load_tokenizer
@@ -43,8 +44,39 @@ def test_cache_drops_the_oldest_past_its_bytes_and_counts_a_shared_grammar_once(
     huge = Sized(100)
     cache.put("huge", huge)  # past the budget alone: kept alone, to serve its request sent again
     assert list(cache.entries) == ["huge"] and cache.bytes == 100
-    cache.put("a", a)
+    assert cache.put("a", a) == [huge]  # what went, for the caller to let go of after its lock
     assert list(cache.entries) == ["a"] and cache.bytes == 10
+    assert cache.released == 10 + 10 + 10 + 100 and cache.grammars == 1  # b once (both its keys gone), a, c, huge
+
+
+def test_a_compile_beside_an_eviction_is_charged_its_own_growth(tiny_checkpoint: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """malloc's count is the process's: where the other compiling thread's grammar evicts one while this compile
+    runs, the heap shrinks by the evicted grammar's bytes meanwhile, and an 11 MB grammar was charged 0 (8 of 48 in a
+    two-thread flood). The bytes the cache let go of are added back; and they are freed after the cache's lock."""
+    tokenizer: PreTrainedTokenizerFast = load_tokenizer(tiny_checkpoint)
+    grammars = Grammars(tokenizer, TokenBytes(tokenizer), VOCAB_SIZE, EOS_IDS, cache_bytes=10 << 20)
+    freed_in_lock: list[bool] = []
+
+    class Evicted(Sized):
+        def __del__(self) -> None:
+            freed_in_lock.append(grammars._lock.locked())
+
+    grammars.keep(("old",), Evicted(8 << 20))
+    before = 100 << 20
+    readings = iter([before, None])
+
+    def heap_used() -> int:  # after: the other thread's grammar kept (evicting the old one), then this compile's 1 MB
+        if next(readings) is None:
+            grammars.keep(("other",), Sized(3 << 20))
+            return before - (8 << 20) + (1 << 20)
+        return before
+
+    monkeypatch.setattr(grammar_module, "heap_used", heap_used)
+    made = grammars.from_text("regex", "a", "structured_outputs.regex")
+    assert made.size == (1 << 20) + len(made.text)
+    assert freed_in_lock == [False]
+    assert grammars.cache_stats() == (2, (3 << 20) + made.size)
 
 
 @pytest.mark.skipif(heap_used() is None, reason="malloc's count (glibc's mallinfo2) is what the cache measures")

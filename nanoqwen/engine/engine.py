@@ -348,7 +348,7 @@ class Engine:
             if self.spec_draft_tokens else 0.0,
             # NANOQWEN_GRAPH=compile's graphs, all made while loading: a count that grows after is a request's wait
             "graph_compiles": runner.graphs.compiles if runner else 0,
-            "grammars_cached": cached,  # keys: one grammar may be under several
+            "grammars_cached": cached,
             "grammar_cache_bytes": cached_bytes,
             "step_buckets": self.steps.buckets.copy(),  # a copy: the engine thread adds to it
             "step_tokens": self.steps.tokens,

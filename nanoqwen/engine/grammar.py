@@ -482,14 +482,14 @@ class Grammars:
         with self._lock:
             grammar = self._cache.get(key)
             if grammar is not None and grammar.spoiled:
-                self._cache.pop(key)
+                self._cache.pop(key)  # let go of after the lock, as `grammar`
                 return None
         return grammar
 
     def cache_stats(self) -> tuple[int, int]:
-        """(the keys cached, the bytes their grammars hold)."""
-        with self._lock:
-            return len(self._cache.entries), self._cache.bytes
+        """(the grammars cached, the bytes they hold): without the lock, which the event loop must not wait for (two
+        ints read under the GIL)."""
+        return self._cache.grammars, self._cache.bytes
 
     def compile(self, text: str, param: str, key: GrammarKey | None = None,
                 bounded: Callable[[], int] | None = None, origin: Origin | None = None) -> Grammar:
@@ -510,7 +510,7 @@ class Grammars:
             check_bounds(text, param)
         else:
             bounded()
-        before = heap_used()
+        before, released = heap_used(), self._cache.released
         try:
             template = LLMatcher(self._tokenizer, text, log_level=0, limits=LIMITS)  # drops the GIL while it compiles
         except (ValueError, RuntimeError) as exc:
@@ -518,13 +518,16 @@ class Grammars:
         first_mask = None if template.is_error() else self._first_mask(template)
         if first_mask is None or template.is_error():
             raise _invalid(param, template.get_error(), origin)
-        grammar = Grammar(text, template, first_mask, promises=not template.is_accepting(), size=charged(before, text))
+        after = heap_used()  # before the cache's count of what it let go of, read after it
+        size = charged(before, after, text, self._cache.released - released)
+        grammar = Grammar(text, template, first_mask, promises=not template.is_accepting(), size=size)
         return self.keep(key, grammar)
 
     def keep(self, key: GrammarKey, grammar: Grammar) -> Grammar:
         """`grammar` cached under `key` (one grammar may be under several: what different requests sent for it)."""
         with self._lock:
-            self._cache.put(key, grammar)
+            gone = self._cache.put(key, grammar)
+        del gone  # the grammars dropped freed here, not in the lock the other compiling thread waits for
         return grammar
 
     def _first_mask(self, template: LLMatcher) -> np.ndarray:

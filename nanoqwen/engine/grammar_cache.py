@@ -6,8 +6,10 @@ holds 11 MB once its first mask has built the lexer; a 4,900-property object 15 
 cache43). A grammar is charged what malloc handed out across its compile and first mask (heap_used before and after,
 on the compiling thread: llguidance's Rust allocates through the C library's malloc). malloc's count is the process's:
 a compile that runs beside another is charged the other's allocations too (two 15 MB compiles at once: ~26-30 MB
-each), erring high; what other threads free meanwhile errs it low. Its text, made before, is added. Where the C library
-has no mallinfo2 (not glibc) the text alone is charged, and the count is what bounds the cache."""
+each), erring high; the grammars the cache let go meanwhile (the other compile's eviction) are added back (`released`),
+else an 11 MB grammar compiled beside one was charged 0 (profiles/RESULTS.md, the lead's forty-third section); what
+requests free meanwhile errs it low. Its text, made before, is added. Where the C library has no mallinfo2 (not glibc)
+the text alone is charged, and the count is what bounds the cache."""
 from __future__ import annotations
 
 import collections
@@ -42,11 +44,10 @@ def heap_used() -> int | None:
     return info.uordblks + info.hblkhd
 
 
-def charged(before: int | None, text: str) -> int:
-    """The bytes a grammar of `text` is charged, compiled since heap_used() was `before`: those, and its text (made
-    before, held beside it)."""
-    after = heap_used()
-    return len(text) + (0 if before is None or after is None else max(after - before, 0))
+def charged(before: int | None, after: int | None, text: str, released: int) -> int:
+    """The bytes a grammar of `text` is charged, compiled while heap_used() went from `before` to `after` and the cache
+    let go of grammars charged `released` in all: those, and its text (made before, held beside it)."""
+    return len(text) + (0 if before is None or after is None else max(after - before + released, 0))
 
 
 class Sized(Protocol):
@@ -67,6 +68,7 @@ class GrammarCache(Generic[K, G]):
     max_bytes: int
     entries: collections.OrderedDict[K, G] = field(default_factory=collections.OrderedDict, init=False)
     bytes: int = field(default=0, init=False)
+    released: int = field(default=0, init=False)  # the bytes of every grammar it let go of, all told
     # by id(grammar): its keys here
     _keys: collections.Counter[int] = field(default_factory=collections.Counter, init=False, repr=False)
 
@@ -77,14 +79,21 @@ class GrammarCache(Generic[K, G]):
             self.entries.move_to_end(key)
         return grammar
 
-    def put(self, key: K, grammar: G) -> None:
+    @property
+    def grammars(self) -> int:
+        """The distinct grammars kept (one may be under several keys)."""
+        return len(self._keys)
+
+    def put(self, key: K, grammar: G) -> list[G]:
         """`grammar` under `key` as the most recently used; the oldest keys go until both bounds hold, or until it is
-        the only one (a grammar past max_bytes alone is kept: it serves its request sent again)."""
-        self.pop(key)
+        the only one (a grammar past max_bytes alone is kept: it serves its request sent again). What went: for the
+        caller to let go of after its lock (freeing a big grammar takes ~18 ms)."""
+        gone = [self.pop(key)]
         self.entries[key] = grammar
         self._held(grammar, 1)
         while len(self.entries) > 1 and (len(self.entries) > self.max_entries or self.bytes > self.max_bytes):
-            self.pop(next(iter(self.entries)))
+            gone.append(self.pop(next(iter(self.entries))))
+        return [went for went in gone if went is not None]
 
     def pop(self, key: K) -> G | None:
         grammar = self.entries.pop(key, None)
@@ -98,5 +107,6 @@ class GrammarCache(Generic[K, G]):
         self._keys[id(grammar)] += keys
         if not held or not self._keys[id(grammar)]:
             self.bytes += keys * grammar.size
+            self.released += grammar.size if keys < 0 else 0
         if not self._keys[id(grammar)]:
             del self._keys[id(grammar)]
