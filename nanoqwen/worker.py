@@ -219,6 +219,8 @@ class NanoqwenWorker(GeventWorker):
       --max-requests.
     - with every connection slot taken and a client waiting to connect, the connection idle longest is closed
       (_make_room).
+    - a worker whose model loads stays off the shared listening socket while another worker serves
+      (_wait_while_a_sibling_serves), and its snapshot says whether it serves (_serving).
     - a request line is refused at its first byte that cannot be one (a TLS ClientHello: nanoqwen.request_line), not
       once 4 KiB or a line feed came.
     """
@@ -249,6 +251,8 @@ class NanoqwenWorker(GeventWorker):
         self._expecting: set[gevent.Greenlet] = set()  # requests whose `100 Continue` waits for the app's read
         self._send_timeout_s = 0.0  # the app's ServerConfig.send_timeout_s, read in run() once the app is imported
         self._engine: Engine  # the app's, set in run() once the app is imported
+        self._stats: ServerStats  # the app's, set in run() once the app is imported
+        self._accepting = False  # its listeners started (_wait_while_a_sibling_serves has let it)
         self._draining = False
         self._script_name = os.environ.get("SCRIPT_NAME", "")  # gunicorn's wsgi.create reads it so too
         self._head_answers: set[socket.socket] = set()  # connections whose error answer is to a HEAD
@@ -396,18 +400,37 @@ class NanoqwenWorker(GeventWorker):
         self.wsgi = self._closing_when_told
         _freeze_imported_objects()
         start_engine(before_ready=_freeze_loaded_objects)
+        self._stats = app.extensions["nanoqwen.stats"]
+        self._stats.serving = self._serving
         gevent.spawn(self._exit_if_load_fails, engine)
-        gevent.spawn(self._publish_stats, app.extensions["nanoqwen.stats"])
-        gevent.spawn(self._make_room)
+        gevent.spawn(self._publish_stats, self._stats)
         try:
-            super().run()
+            if self._wait_while_a_sibling_serves():
+                self._accepting = True
+                gevent.spawn(self._make_room)
+                super().run()
         finally:  # a graceful exit (SIGTERM, max_requests) keeps what requests recorded since the last publish
-            app.extensions["nanoqwen.stats"].flush_metrics()
+            self._stats.flush_metrics()
             if not engine.ready and engine.load_error is None and sys.exc_info()[0] in (None, SystemExit):
                 # stopped while the model loads: waiting for the load serves no one, and finalizing the interpreter
                 # beside the engine thread's native code aborted now and then (SIGABRT); a crash keeps its traceback
                 self.log.info("Worker exiting before its model loaded (pid: %s)", self.pid)
                 os._exit(0)
+
+    def _wait_while_a_sibling_serves(self) -> bool:
+        """Keeps this worker off the shared listening socket while its model loads and another worker serves: idle, a
+        loading worker accepted first and answered 503 model_loading that its ready sibling would have served (61 of
+        80 requests under --max-requests 8 with 2 workers: profiles/RESULTS.md, lane scale43). It accepts once its
+        model is loaded, or at once when no other worker serves (a lone worker, all of them loading, the old ones of
+        a SIGHUP stopping); a run directory it cannot read is taken for none. False: stopped while it waited."""
+        while self.alive and not self._engine.ready and self._stats.another_serves():
+            self.notify()  # gunicorn's heartbeat: its master kills a silent worker at --timeout
+            gevent.sleep(LOAD_POLL_S)
+        return self.alive
+
+    def _serving(self) -> bool:
+        """What this worker's snapshot says its respawned siblings can leave to it (_wait_while_a_sibling_serves)."""
+        return self._accepting and self.alive and self._engine.ready
 
     def _pool(self, size: int) -> Pool:
         pool = Pool(size)
@@ -494,6 +517,9 @@ class NanoqwenWorker(GeventWorker):
         _end_wait(greenlet, timeout)
 
     def _drain(self) -> None:
+        if self._accepting:  # that it no longer serves, said at once: a respawned sibling waiting for it accepts
+            with contextlib.suppress(OSError):  # the publish loop logs it, and says it within PUBLISH_S
+                self._stats.publish()
         for greenlet, timeout in list(self._idle.items()):  # as a wait begun after the stop
             gevent.spawn(self._end_after_stop, greenlet, timeout)
         # gevent's run loop checks every second whether its connections are done, and the master

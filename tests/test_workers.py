@@ -6,11 +6,13 @@ import os
 import re
 import signal
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import gevent
+import openai
 import pytest
 import requests
 from gevent import socket
@@ -19,7 +21,7 @@ from chat_http import vllm_samples, wait_logged
 from nanoqwen import worker
 from nanoqwen.api import shared_stats
 from nanoqwen.api.shared_stats import aggregate
-from nanoqwen.placement import cpu_share, lowest_free_slot, worker_device
+from nanoqwen.placement import SLOT_ENV, cpu_share, lowest_free_slot, worker_device
 from nanoqwen.settings import EngineConfig, env_setting
 from server_process import GunicornServer, copy_maps_as_dead, worker_run_dir
 
@@ -94,6 +96,24 @@ def test_aggregate_sums_counts_and_weights_the_mean():
     assert total["average_response_time"] == pytest.approx(2.5) and total["ttft_p99_ms"] == 9.0
     assert total["kv_cache_usage"] == pytest.approx(0.3)
     assert total["spec_decode_acceptance_rate"] == pytest.approx(0.5)  # 20 of 40, not the mean of the rates
+
+
+def test_another_serves_only_where_a_sibling_published_so_lately(tmp_path: Path, monkeypatch) -> None:
+    """What a loading worker waits on: another slot's snapshot that says it serves, replaced within SERVING_FRESH_S
+    (older: a stalled worker's, which accepts nothing either); its own slot's and a stopping one's do not count."""
+    monkeypatch.setenv(SLOT_ENV, "0")
+    (tmp_path / "stats").mkdir()
+    shared = shared_stats.SharedStats(tmp_path)
+    snapshot = tmp_path / "stats" / "1.json"
+    (tmp_path / "stats" / "0.json").write_text('{"serving": true}')
+    assert not shared.another_serves()  # its own
+    snapshot.write_text('{"serving": false}')
+    assert not shared.another_serves()  # stopping, or loading
+    snapshot.write_text('{"serving": true}')
+    assert shared.another_serves()
+    stale = time.time() - shared_stats.SERVING_FRESH_S - 1
+    os.utime(snapshot, (stale, stale))
+    assert not shared.another_serves()
 
 
 def _get(srv: GunicornServer, path: str) -> requests.Response:
@@ -208,6 +228,43 @@ def test_two_workers_share_the_socket_add_up_and_respawn_into_their_slot(tiny_ch
         assert sorted(_vllm_series(srv, "vllm:num_requests_running")) == \
             [(slot, MODEL, None) for slot in "01"]
         assert f"worker {respawned[0]['pid']}: slot 0, cpu on cores" in srv.log()
+
+
+def _answered(srv: GunicornServer) -> str:
+    """One chat request on a connection of its own (the workers take turns accepting): "served" or the 503's code."""
+    with srv.openai_client() as client:
+        try:
+            client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=1)
+        except openai.APIStatusError as exc:
+            assert exc.status_code == 503, exc
+            return exc.code
+    return "served"
+
+
+def test_a_respawned_worker_stays_off_the_socket_while_its_sibling_serves(tiny_checkpoint: Path, tmp_path: Path):
+    """A worker respawned beside a ready sibling (here after a SIGTERM; --max-requests and a crash respawn the same
+    way) accepted while its model loaded and, idle, first: it answered 503 model_loading what its sibling would have
+    served (lane scale43: 61 of 80 requests under --max-requests 8). It accepts once loaded: a steady client sees no
+    model_loading. On SIGHUP the old workers stop at once, so the new ones accept while they load, as before."""
+    env = {"NANOQWEN_MODEL": str(tiny_checkpoint), **CPU, "NANOQWEN_QUANT": "int8"}  # a load of some seconds
+    with GunicornServer(env, tmp_path / "gunicorn.log", args=("--workers", "2")) as srv:
+        _wait_for(lambda: _metric(srv, "nanoqwen_model_ready") == 2.0, "both workers loaded", srv)
+        workers = _wait_for(lambda: (w := _workers(srv)) and len(w) == 2 and w, "both workers published", srv)
+        os.kill(workers[0]["pid"], signal.SIGTERM)
+        answers, while_loading = [], 0
+        while srv.log().count("ready: ") < 3:  # the respawned one's
+            answers.append(_answered(srv))
+            while_loading += srv.log().count("Booting worker") == 3
+        assert set(answers) == {"served"}, Counter(answers)
+        assert while_loading >= 3, f"the respawned worker loaded before the client could reach it: {answers}"
+        _wait_for(lambda: _metric(srv, "nanoqwen_model_ready") == 2.0, "the respawned worker loaded", srv)
+
+        srv.hangup()
+        health = []
+        while srv.log().count("ready: ") < 5:  # both new ones'
+            response = requests.get(f"{srv.url}/health", timeout=60)  # during their imports: in the backlog
+            health.append("healthy" if response.ok else response.json()["status"])
+        assert "loading" in health, health
 
 
 def test_preloaded_workers_still_get_their_own_slot(tiny_checkpoint: Path, tmp_path: Path):

@@ -364,6 +364,8 @@ class ServerStats:
         self._shared = shared
         self._model_name = model_name  # vLLM's series' `model_name` label
         self.started = time.time()
+        # whether this worker accepts connections with its model loaded: nanoqwen.worker's, for its respawned siblings
+        self.serving: Callable[[], bool] = lambda: False
         self.requests_served = 0
         self.requests_aborted = 0
         self.requests_failed = 0
@@ -471,6 +473,7 @@ class ServerStats:
             "uptime": time.time() - self.started,
             "pid": os.getpid(),
             "slot": 0 if self._shared is None else self._shared.slot,
+            "serving": self.serving(),
         }
 
     def _made_metrics(self) -> PrometheusMetrics:
@@ -501,6 +504,16 @@ class ServerStats:
             if self._shared is not None:
                 self._shared.publish(snapshot)
         return snapshot
+
+    def another_serves(self) -> bool:
+        """Whether another worker of this server accepts connections with its model loaded
+        (SharedStats.another_serves); False without a run directory, or where it cannot be read."""
+        if self._shared is None:
+            return False
+        try:
+            return self._shared.another_serves()
+        except OSError:
+            return False
 
     def report(self) -> dict[str, Any]:
         """`/stats`: the server's totals and a per-worker list: this worker's figures live, the others' as they last

@@ -13,7 +13,8 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,8 @@ RAM_DIR = Path("/dev/shm")
 HEARTBEAT_MIN_FREE = 16 << 20
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 PUBLISH_S = 0.5  # how stale another worker's /stats entry and gauges may be
+# a snapshot not replaced for this long is from a worker whose loop has stalled: it accepts nothing either
+SERVING_FRESH_S = 10 * PUBLISH_S
 # Speculative decoding's counts, under vLLM's names: (name, help)
 SPEC_DECODE_COUNTS = {
     "spec_decode_num_drafts": "Verify steps of rows that drafted (live workers)",
@@ -160,15 +163,29 @@ class SharedStats:
             tmp.unlink(missing_ok=True)
             raise
 
+    def _others(self) -> Iterator[Path]:
+        return (path for path in self._dir.iterdir() if path.suffix == ".json" and int(path.stem) != self.slot)
+
     def others(self) -> list[dict[str, Any]]:
         """The other workers' snapshots (this worker's own figures are live in its memory). Raises OSError where the
         directory cannot be listed or a snapshot read."""
         workers = []
-        for path in self._dir.iterdir():
-            if path.suffix != ".json" or int(path.stem) == self.slot:
-                continue
+        for path in self._others():
             try:
                 workers.append(json.loads(path.read_text()))
             except FileNotFoundError:  # its worker died between the listing and the read
                 continue
         return workers
+
+    def another_serves(self) -> bool:
+        """Whether another worker accepts connections with its model loaded (its snapshot's `serving`), as it published
+        within SERVING_FRESH_S. A dead worker's snapshot is gone (forget_worker); a stopping one's says it no longer
+        serves. Raises OSError as others()."""
+        now = time.time()
+        for path in self._others():
+            try:
+                if now - path.stat().st_mtime < SERVING_FRESH_S and json.loads(path.read_text()).get("serving"):
+                    return True
+            except FileNotFoundError:
+                continue
+        return False
