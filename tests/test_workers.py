@@ -248,8 +248,8 @@ def test_a_respawned_worker_stays_off_the_socket_while_its_sibling_serves(tiny_c
     model_loading. On SIGHUP the old workers stop at once, so the new ones accept while they load, as before."""
     env = {"NANOQWEN_MODEL": str(tiny_checkpoint), **CPU, "NANOQWEN_QUANT": "int8"}  # a load of some seconds
     with GunicornServer(env, tmp_path / "gunicorn.log", args=("--workers", "2")) as srv:
-        _wait_for(lambda: _metric(srv, "nanoqwen_model_ready") == 2.0, "both workers loaded", srv)
-        workers = _wait_for(lambda: (w := _workers(srv)) and len(w) == 2 and w, "both workers published", srv)
+        wait_logged(lambda: _metric(srv, "nanoqwen_model_ready") == 2.0, "both workers loaded", srv)
+        workers = wait_logged(lambda: (w := _workers(srv)) and len(w) == 2 and w, "both workers published", srv)
         os.kill(workers[0]["pid"], signal.SIGTERM)
         answers, while_loading = [], 0
         while srv.log().count("ready: ") < 3:  # the respawned one's
@@ -257,7 +257,7 @@ def test_a_respawned_worker_stays_off_the_socket_while_its_sibling_serves(tiny_c
             while_loading += srv.log().count("Booting worker") == 3
         assert set(answers) == {"served"}, Counter(answers)
         assert while_loading >= 3, f"the respawned worker loaded before the client could reach it: {answers}"
-        _wait_for(lambda: _metric(srv, "nanoqwen_model_ready") == 2.0, "the respawned worker loaded", srv)
+        wait_logged(lambda: _metric(srv, "nanoqwen_model_ready") == 2.0, "the respawned worker loaded", srv)
 
         srv.hangup()
         health = []
