@@ -331,13 +331,15 @@ class NanoqwenWorker(GeventWorker):
         finally:
             if loading:  # and not twice: gunicorn refuses some requests before it counts them (a bad SCRIPT_NAME)
                 self.nr = max(self.nr, counted)
-                if self._engine.ready:  # loaded while it ran, so answered as served (/health's 200): it counts
+                if self._engine.ready:  # loaded while it ran: taken for answered as served (/health's 200)
                     self._count_served()
             self._unread.discard(current)
             self._expecting.discard(current)
 
     def _count_served(self) -> None:
-        """One more request towards --max-requests, and gunicorn's own check of its limit (a graceful exit after)."""
+        """One more request towards --max-requests, and the check of its limit as gunicorn's handle_request makes it
+        (kept alike on an upgrade). Its answer is sent by now, without the `Connection: close` gunicorn's would have:
+        the exit closes that connection as an idle keep-alive one."""
         self.nr += 1
         if self.nr >= self.max_requests and self.alive:
             self.log.info("Autorestarting worker after current request.")

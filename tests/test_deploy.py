@@ -524,17 +524,12 @@ def test_a_request_begun_while_the_model_loads_and_answered_as_served_counts_tow
     srv = GunicornServer(cpu_env(tiny_checkpoint, NANOQWEN_QUANT="int8"), tmp_path / "gunicorn.log",
                          args=["-c", str(config), "--max-requests", "2"]).launch()
     try:
-        def loading() -> bool:
-            with contextlib.suppress(requests.ConnectionError):  # before the master listens
-                return requests.get(f"{srv.url}/health", timeout=30).json()["status"] == "loading"
-            return False
-
-        wait_for(loading, 120, 0.005, srv.log)
+        wait_logged(lambda: _running(srv) and _health_status(srv) == "loading", '/health "loading"', srv, 120, 0.005)
         held = requests.get(f"{srv.url}/health", headers={"X-Held-Until-Ready": "1"}, timeout=120)
         assert held.status_code == 200, held.text
         with srv.openai_client() as client:  # the second request since ready: the worker's last
             assert client.completions.create(model=MODEL, prompt="hi", max_tokens=2).choices[0].text
-        wait_for(lambda: srv.log().count("Booting worker") == 2, 30, 0.05, srv.log)
+        wait_logged(lambda: srv.log().count("Booting worker") == 2, "the worker's restart", srv, 30, 0.05)
     finally:
         srv.stop()
 

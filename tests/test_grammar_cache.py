@@ -38,6 +38,7 @@ def test_cache_drops_the_oldest_past_its_bytes_and_counts_a_shared_grammar_once(
     cache.put("b", b)
     cache.put("b again", b)  # what another request sent for the same grammar
     assert cache.bytes == 20 and list(cache.entries) == ["a", "b", "b again"]
+    assert cache.put("a", a) == [] and cache.released == 0  # kept again (two compiles of one): nothing let go of
     assert cache.get("a") is a  # now the most recently used
     cache.put("c", c)
     assert list(cache.entries) == ["a", "c"] and cache.bytes == 20  # b's keys went, then its bytes

@@ -70,9 +70,8 @@ GrammarKey = str | tuple[str, str]  # the cache's: a grammar's text, or what a r
 # For a grammar we generated: what the client sent that a line of it (from 1) came from, and the index of its schema
 # among the grammar's (tool_calls': each tool's, then the answer's; None: our own rules)
 Origin = Callable[[int], tuple[str, int | None]]
-# Compiled grammars kept (keyed by their text, or by what a request sent for them), and bounded by their bytes too
-# (EngineConfig.grammar_cache_memory: one grammar within every request bound holds up to ~15-28 MB, typical ones
-# 0.1-0.4 MB; profiles/RESULTS.md, lanes rss43 and cache43)
+# Compiled grammars kept (keyed by their text, or by what a request sent for them); their bytes bounded apart
+# (EngineConfig.grammar_cache_memory, settings.GRAMMAR_CACHE_BYTES)
 CACHE_SIZE = 128
 # What llguidance appends to an error's message: a Rust panic's backtrace (past its grammar symbol count), and in place
 # of the parser's state (LIMITS' verbose_errors=False) a marker.
@@ -506,10 +505,7 @@ class Grammars:
     def _compiled(self, text: str, param: str, key: GrammarKey, bounded: Callable[[], int] | None = None,
                   origin: Origin | None = None) -> Grammar:
         """compile() on a miss of `key`: the grammar compiled, its first mask computed, and cached."""
-        if bounded is None:
-            check_bounds(text, param)
-        else:
-            bounded()
+        (bounded or partial(check_bounds, text, param))()
         before, released = heap_used(), self._cache.released
         try:
             template = LLMatcher(self._tokenizer, text, log_level=0, limits=LIMITS)  # drops the GIL while it compiles

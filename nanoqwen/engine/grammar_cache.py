@@ -88,6 +88,9 @@ class GrammarCache(Generic[K, G]):
         """`grammar` under `key` as the most recently used; the oldest keys go until both bounds hold, or until it is
         the only one (a grammar past max_bytes alone is kept: it serves its request sent again). What went: for the
         caller to let go of after its lock (freeing a big grammar takes ~18 ms)."""
+        if self.entries.get(key) is grammar:  # kept again (two requests' compiles of one): let go of nothing
+            self.entries.move_to_end(key)
+            return []
         gone = [self.pop(key)]
         self.entries[key] = grammar
         self._held(grammar, 1)
