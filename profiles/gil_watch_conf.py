@@ -85,18 +85,12 @@ def _watch_collector(every_s: float, sleep: Callable[[float], None]) -> None:
         sleep(every_s)
 
 
-class _Mallinfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
-                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
-
-
 def _watch_memory(every_s: float, sleep: Callable[[float], None]) -> None:
     from nanoqwen.api.chat_store import ChatStore
     from nanoqwen.api.responses_store import ResponseStore
+    from nanoqwen.engine.grammar_cache import heap_used, mallinfo
     from nanoqwen.wsgi import app, engine
 
-    mallinfo2 = ctypes.CDLL(None).mallinfo2
-    mallinfo2.restype = _Mallinfo2
     while not engine.ready:
         sleep(0.5)
     # the app's services, as its views hold them (gc.get_objects misses them: frozen out of the collector's walk)
@@ -105,9 +99,9 @@ def _watch_memory(every_s: float, sleep: Callable[[float], None]) -> None:
     chats = [s for s in stores.values() if isinstance(s, ChatStore)]
     responses = [s for s in stores.values() if isinstance(s, ResponseStore)]
     while True:
-        info, mb = mallinfo2(), 2**20
+        info, mb = mallinfo(), 2**20
         print(f"{MEMORY_WATCH_LINE}{time.monotonic():.3f} rss_mb={_rss_mb():.0f} anon_mb={_anon_mb():.0f} "
-              f"malloc_used_mb={(info.uordblks + info.hblkhd) / mb:.1f} malloc_free_mb={info.fordblks / mb:.1f} "
+              f"malloc_used_mb={heap_used() / mb:.1f} malloc_free_mb={info.fordblks / mb:.1f} "
               f"py_blocks={sys.getallocatedblocks()} grammars={engine.grammars.cache_stats()[0]} "
               f"chats={sum(len(s._entries.entries) for s in chats)}/{sum(s._entries.bytes for s in chats)} "
               f"responses={sum(len(s._entries.entries) for s in responses)}/{sum(s._entries.bytes for s in responses)}"

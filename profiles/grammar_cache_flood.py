@@ -27,6 +27,7 @@ from chat_http import MODEL, cpu_env  # noqa: E402
 from checkpoints import make_checkpoint  # noqa: E402
 from schema_shapes import closed_object  # noqa: E402
 from server_process import GunicornServer  # noqa: E402
+from soak import rss_mb  # noqa: E402
 
 PROPERTIES = 4_900
 
@@ -36,11 +37,6 @@ def body(kind: str, i: int) -> dict[str, Any]:
         return {"extra_body": {"structured_outputs": {"regex": f"b{i}a{{30000}}"}}}
     schema = closed_object({f"p{i}_{j}": {"type": "integer"} for j in range(PROPERTIES)})
     return {"response_format": {"type": "json_schema", "json_schema": {"name": "o", "schema": schema, "strict": True}}}
-
-
-def rss_mb(pid: int) -> float:
-    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
-    return int(fields["VmRSS"].split()[0]) / 1024
 
 
 def main() -> None:

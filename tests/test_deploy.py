@@ -530,8 +530,10 @@ def test_a_request_begun_while_the_model_loads_and_answered_as_served_counts_tow
         with srv.openai_client() as client:  # the second request since ready: the worker's last
             assert client.completions.create(model=MODEL, prompt="hi", max_tokens=2).choices[0].text
         wait_logged(lambda: srv.log().count("Booting worker") == 2, "the worker's restart", srv, 30, 0.05)
+        log = srv.log()
     finally:
         srv.stop()
+    assert "held until ready" in log.splitlines(), log  # it began while the model loaded
 
 
 def test_a_worker_at_max_requests_does_not_wait_for_idle_keepalive_connections(tiny_checkpoint, tmp_path):

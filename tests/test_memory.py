@@ -44,26 +44,18 @@ print(json.dumps(imported))
 """
 
 PREFILL_LENGTHS = """
-import ctypes, json, sys
+import json, sys
 sys.path[:0] = [{repo!r}, {tests!r}]
 import nanoqwen  # first, as server.py does
 from engine_util import generate, greedy, load_engine
+from nanoqwen.engine.grammar_cache import heap_used
 
-
-class MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in
-                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
-
-
-mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
-mallinfo2.restype = MallInfo2
 engine = load_engine({path!r}, dtype="bfloat16", kernels="auto")
 allocated = []
 for length in range(40, 40 + 2 * {lengths}):  # past the C linears' 32 rows: torch's bf16 GEMM
     assert generate(engine, [[1000 + length] * length], greedy(1))[0].error is None
     if length - 40 + 1 in ({lengths}, 2 * {lengths}):
-        info = mallinfo2()
-        allocated.append(info.uordblks + info.hblkhd)
+        allocated.append(heap_used())
 print(json.dumps(allocated))
 """
 

@@ -36,12 +36,16 @@ def _mallinfo2() -> Callable[[], _Mallinfo2] | None:
 _MALLINFO2 = _mallinfo2()
 
 
+def mallinfo() -> _Mallinfo2 | None:
+    """glibc's malloc figures now (profiles/gil_watch_conf.py's memory watch reads its free bytes too); None where
+    unknown."""
+    return None if _MALLINFO2 is None else _MALLINFO2()
+
+
 def heap_used() -> int | None:
     """The bytes malloc has handed out and not had back (its arenas' and its own mmaps'); None where unknown."""
-    if _MALLINFO2 is None:
-        return None
-    info = _MALLINFO2()
-    return info.uordblks + info.hblkhd
+    info = mallinfo()
+    return None if info is None else info.uordblks + info.hblkhd
 
 
 def charged(before: int | None, after: int | None, text: str, released: int) -> int:
