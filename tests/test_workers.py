@@ -251,8 +251,9 @@ def test_a_respawned_worker_stays_off_the_socket_while_its_sibling_serves(tiny_c
         wait_logged(lambda: _metric(srv, "nanoqwen_model_ready") == 2.0, "both workers loaded", srv)
         workers = wait_logged(lambda: (w := _workers(srv)) and len(w) == 2 and w, "both workers published", srv)
         os.kill(workers[0]["pid"], signal.SIGTERM)
-        answers, while_loading = [], 0
+        answers, while_loading, deadline = [], 0, time.monotonic() + 120
         while srv.log().count("ready: ") < 3:  # the respawned one's
+            assert time.monotonic() < deadline, f"the respawned worker never loaded: {Counter(answers)}\n{srv.log()}"
             answers.append(_answered(srv))
             while_loading += srv.log().count("Booting worker") == 3
         assert set(answers) == {"served"}, Counter(answers)
@@ -260,8 +261,9 @@ def test_a_respawned_worker_stays_off_the_socket_while_its_sibling_serves(tiny_c
         wait_logged(lambda: _metric(srv, "nanoqwen_model_ready") == 2.0, "the respawned worker loaded", srv)
 
         srv.hangup()
-        health = []
+        health, deadline = [], time.monotonic() + 120
         while srv.log().count("ready: ") < 5:  # both new ones'
+            assert time.monotonic() < deadline, f"the new workers never loaded: {health}\n{srv.log()}"
             response = requests.get(f"{srv.url}/health", timeout=60)  # during their imports: in the backlog
             health.append("healthy" if response.ok else response.json()["status"])
         assert "loading" in health, health

@@ -365,7 +365,8 @@ class ServerStats:
         self._model_name = model_name  # vLLM's series' `model_name` label
         self.started = time.time()
         # whether this worker accepts connections with its model loaded: nanoqwen.worker's, for its respawned siblings
-        self.serving: Callable[[], bool] = lambda: False
+        # (None, unknown, in an app it does not run)
+        self.serving: Callable[[], bool | None] = lambda: None
         self.requests_served = 0
         self.requests_aborted = 0
         self.requests_failed = 0
