@@ -33,7 +33,7 @@ import requests
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "profiles")]
 
-from chat_http import MODEL, cpu_env, wait_for  # noqa: E402
+from chat_http import MODEL, cpu_env, metric, wait_for  # noqa: E402
 from checkpoints import make_checkpoint  # noqa: E402
 from common import command_line, markdown_table, write_outputs  # noqa: E402
 from server_process import GunicornServer  # noqa: E402
@@ -61,11 +61,6 @@ def _term_by_turns(srv: GunicornServer, every_s: float, done: threading.Event) -
         turn += 1
 
 
-def _ready_workers(srv: GunicornServer) -> float:
-    text = requests.get(f"{srv.url}/metrics", params={"name[]": "nanoqwen_model_ready"}, timeout=30).text
-    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("nanoqwen_model_ready"))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=2)
@@ -83,7 +78,7 @@ def main() -> None:
                          "--max-requests-jitter", str(args.jitter))
         srv = GunicornServer(cpu_env(make_checkpoint()), Path(tmp) / "gunicorn.log", args=gunicorn_args)
         with srv:
-            wait_for(lambda: _ready_workers(srv) == args.workers, 300, 0.5, srv.log)
+            wait_for(lambda: metric(srv, "nanoqwen_model_ready") == args.workers, 300, 0.5, srv.log)
             load = os.getloadavg()[0]
             start = time.monotonic()
             done = threading.Event()

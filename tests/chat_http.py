@@ -4,6 +4,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -105,6 +106,14 @@ def wait_logged(predicate: Callable[[], T], what: str, srv: GunicornServer, time
 
 def server_stats(srv: GunicornServer) -> dict[str, Any]:
     return requests.get(f"{srv.url}/stats", timeout=30).json()
+
+
+def metric(srv: GunicornServer, sample: str) -> float:
+    """A sample's value in the server's /metrics, by its name and labels as written (`name{a="b"}`); 0 where absent."""
+    response = requests.get(f"{srv.url}/metrics", timeout=30)
+    response.raise_for_status()
+    match = re.search(rf"^{re.escape(sample)} (\S+)$", response.text, re.M)
+    return float(match.group(1)) if match else 0.0
 
 
 def engine_idle(srv: GunicornServer) -> bool:

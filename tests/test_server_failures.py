@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import uuid
 from collections.abc import Iterator
@@ -20,7 +19,7 @@ from openai.types.chat import ChatCompletionChunk
 from openai.types.responses import ResponseStreamEvent
 from openai.types.shared import ErrorObject
 
-from chat_http import MODEL, cpu_env, engine_idle, server_stats, sse_events, sse_payloads, wait_for
+from chat_http import MODEL, cpu_env, engine_idle, metric, server_stats, sse_events, sse_payloads, wait_for
 from server_process import GunicornServer, pid_alive
 from wire_types import wire_problems
 
@@ -127,7 +126,7 @@ def test_a_stream_our_code_breaks_ends_with_its_error_stops_generating_and_count
     out) and counted failed (it was counted aborted, as a client gone)."""
     before = server_stats(server)
     errors = f'vllm:request_success_total{{engine="0",finished_reason="error",model_name="{MODEL}"}}'
-    errors_before = _metric(server, errors)
+    errors_before = metric(server, errors)
     with pytest.raises(openai.APIError, match="internal server error"):
         for _ in client.chat.completions.create(messages=[{"role": "user", "content": "Hi"}], n=BREAK_N, max_tokens=400,
                                                 stream=True, extra_body={"ignore_eos": True}, **GREEDY):
@@ -135,7 +134,7 @@ def test_a_stream_our_code_breaks_ends_with_its_error_stops_generating_and_count
     wait_for(lambda: engine_idle(server), 30)
     after = server_stats(server)
     assert after["requests_failed"] == before["requests_failed"] + 1
-    assert _metric(server, errors) == errors_before + BREAK_N  # vLLM's finished_reason of each unfinished choice
+    assert metric(server, errors) == errors_before + BREAK_N  # vLLM's finished_reason of each unfinished choice
     assert after["requests_aborted"] == before["requests_aborted"]
     assert after["engine_tokens_generated"] - before["engine_tokens_generated"] < BREAK_N * 100
 
@@ -155,12 +154,6 @@ def test_a_stored_completion_that_fails_part_way_is_not_kept(client: openai.Open
     assert [c.id for c in client.chat.completions.list(metadata=body["metadata"])] == [finished.id]
 
 
-def _metric(srv: GunicornServer, sample: str) -> float:
-    metrics = requests.get(f"{srv.url}/metrics", timeout=30).text
-    match = re.search(rf"^{re.escape(sample)} (\S+)$", metrics, re.M)
-    return float(match.group(1)) if match else 0.0
-
-
 VLLM_LABELS = f'{{engine="0",model_name="{MODEL}"}}'
 
 
@@ -169,16 +162,16 @@ def test_a_worker_that_exits_keeps_its_last_tokens_in_the_metrics(server: Gunico
     """The per-token counts, and vLLM's per-choice series, wait in the worker for its next publish: a graceful exit
     (SIGTERM, max_requests) before it flushes them, and /metrics (the respawned worker's, summing the dead one's
     counters) has every token and the choice."""
-    before = _metric(server, "nanoqwen_generation_tokens_total")  # published: nothing waits
-    choices = _metric(server, f"vllm:request_generation_tokens_sum{VLLM_LABELS}")
+    before = metric(server, "nanoqwen_generation_tokens_total")  # published: nothing waits
+    choices = metric(server, f"vllm:request_generation_tokens_sum{VLLM_LABELS}")
     pid = _pid(server)
     answer = client.chat.completions.create(messages=[{"role": "user", "content": "Hi"}], max_tokens=12,
                                             extra_body={"ignore_eos": True}, **GREEDY)
     os.kill(pid, signal.SIGTERM)
     wait_for(lambda: not pid_alive(pid), 120)  # asked nothing meanwhile: a scrape or /stats would publish the counts
     wait_for(lambda: _pid(server) is not None, 120, 0.2)  # respawned
-    assert _metric(server, "nanoqwen_generation_tokens_total") == before + answer.usage.completion_tokens == before + 12
-    assert _metric(server, f"vllm:request_generation_tokens_sum{VLLM_LABELS}") == choices + 12
+    assert metric(server, "nanoqwen_generation_tokens_total") == before + answer.usage.completion_tokens == before + 12
+    assert metric(server, f"vllm:request_generation_tokens_sum{VLLM_LABELS}") == choices + 12
 
 
 REQUEST_COUNTS = ('nanoqwen_requests_total{outcome="served"}', "nanoqwen_prompt_tokens_total",
@@ -190,14 +183,14 @@ def test_a_worker_killed_keeps_its_requests_counts_in_the_metrics(server: Gunico
     """A request's own counts are written into the worker's maps as it is answered: SIGKILLed before its next publish,
     the worker leaves them to /metrics (the respawned worker's); only the per-token counts and vLLM's per-choice
     series it kept pending are lost."""
-    wait_for(lambda: _metric(server, "nanoqwen_model_ready") == 1, 120, 0.2)  # a respawn before this test's loaded
-    before = {sample: _metric(server, sample) for sample in REQUEST_COUNTS}  # published: nothing waits
+    wait_for(lambda: metric(server, "nanoqwen_model_ready") == 1, 120, 0.2)  # a respawn before this test's loaded
+    before = {sample: metric(server, sample) for sample in REQUEST_COUNTS}  # published: nothing waits
     pid = _pid(server)
     answer = client.chat.completions.create(messages=[{"role": "user", "content": "Hi"}], max_tokens=4, **GREEDY)
     os.kill(pid, signal.SIGKILL)
     wait_for(lambda: not pid_alive(pid), 120)
     wait_for(lambda: _pid(server) is not None, 120, 0.2)  # respawned
-    added = {sample: _metric(server, sample) - before[sample] for sample in REQUEST_COUNTS}
+    added = {sample: metric(server, sample) - before[sample] for sample in REQUEST_COUNTS}
     prompt = answer.usage.prompt_tokens
     assert added == dict(zip(REQUEST_COUNTS, (1, prompt, 1, 1), strict=True))
 
@@ -218,7 +211,7 @@ def test_a_failed_streams_events_are_the_openai_types(server: GunicornServer) ->
             "reasoning_effort": "none"}
     completion = {**GREEDY, "max_tokens": FAIL_MAX_TOKENS, "stream": True, "prompt": "Hi"}
     problems: list[str] = []
-    wait_for(lambda: _metric(server, "nanoqwen_model_ready") == 1, 120, 0.2)  # a worker killed before: respawned
+    wait_for(lambda: metric(server, "nanoqwen_model_ready") == 1, 120, 0.2)  # a worker killed before: respawned
     for path, body, kind in (("/v1/chat/completions", chat, ChatCompletionChunk), ("/v1/completions", completion,
                                                                                     Completion)):
         response = requests.post(server.url + path, json=body, stream=True, timeout=120)

@@ -3,7 +3,6 @@ and /metrics that add up every worker, through a real gunicorn."""
 from __future__ import annotations
 
 import os
-import re
 import signal
 import time
 from collections import Counter
@@ -17,7 +16,7 @@ import pytest
 import requests
 from gevent import socket
 
-from chat_http import vllm_samples, wait_logged
+from chat_http import metric, vllm_samples, wait_logged
 from nanoqwen import worker
 from nanoqwen.api import shared_stats
 from nanoqwen.api.shared_stats import aggregate
@@ -126,9 +125,10 @@ def _workers(srv: GunicornServer) -> dict[int, dict[str, Any]]:
     return {w["slot"]: w for w in _get(srv, "/stats").json()["workers"]}
 
 
-def _metric(srv: GunicornServer, sample: str) -> float:
-    match = re.search(rf"^{re.escape(sample)} (\S+)$", _get(srv, "/metrics").text, re.M)
-    return float(match.group(1)) if match else 0.0
+def _both_ready(srv: GunicornServer) -> dict[int, dict[str, Any]]:
+    """Once both workers have loaded and published: their /stats entries by slot."""
+    wait_logged(lambda: metric(srv, "nanoqwen_model_ready") == 2.0, "both workers loaded", srv)
+    return wait_logged(lambda: (w := _workers(srv)) and len(w) == 2 and w, "both workers published", srv)
 
 
 def _vllm_series(srv: GunicornServer, name: str) -> dict[tuple[str | None, ...], float]:
@@ -184,8 +184,7 @@ def test_two_workers_share_the_socket_add_up_and_respawn_into_their_slot(tiny_ch
     cpus = sorted(os.sched_getaffinity(0))
     env = {"NANOQWEN_MODEL": str(tiny_checkpoint), **CPU}
     with GunicornServer(env, tmp_path / "gunicorn.log", args=("--workers", "2")) as srv:
-        wait_logged(lambda: _metric(srv, "nanoqwen_model_ready") == 2.0, "both workers loaded", srv)
-        workers = wait_logged(lambda: (w := _workers(srv)) and len(w) == 2 and w, "both workers published", srv)
+        workers = _both_ready(srv)
         assert sorted(workers) == [0, 1]
         shares = {slot: sorted(os.sched_getaffinity(w["pid"])) for slot, w in workers.items()}
         assert shares == {slot: cpu_share(cpus, slot, 2) for slot in (0, 1)}
@@ -200,8 +199,8 @@ def test_two_workers_share_the_socket_add_up_and_respawn_into_their_slot(tiny_ch
         for key in ("requests_served", "total_tokens_generated", "total_prompt_tokens"):
             assert stats[key] == sum(w[key] for w in per_worker)
         assert stats["total_tokens_generated"] == REQUESTS * MAX_TOKENS
-        assert _metric(srv, 'nanoqwen_requests_total{outcome="served"}') == REQUESTS
-        assert _metric(srv, "nanoqwen_generation_tokens_total") == REQUESTS * MAX_TOKENS
+        assert metric(srv, 'nanoqwen_requests_total{outcome="served"}') == REQUESTS
+        assert metric(srv, "nanoqwen_generation_tokens_total") == REQUESTS * MAX_TOKENS
         # vLLM's series from the same counts, a series a worker as vLLM's per engine: both took requests
         generated = _vllm_series(srv, "vllm:generation_tokens_total")
         assert sorted(generated) == [(slot, MODEL, None) for slot in "01"]
@@ -215,10 +214,10 @@ def test_two_workers_share_the_socket_add_up_and_respawn_into_their_slot(tiny_ch
                                 "slot 0 to come back", srv)
         assert sorted(os.sched_getaffinity(respawned[0]["pid"])) == shares[0]
         assert respawned[1]["pid"] == workers[1]["pid"]
-        wait_logged(lambda: _metric(srv, "nanoqwen_model_ready") == 2.0, "the respawned worker loaded", srv)
+        wait_logged(lambda: metric(srv, "nanoqwen_model_ready") == 2.0, "the respawned worker loaded", srv)
         # /stats covers the live workers; Prometheus counters keep what the dead one served.
         assert _get(srv, "/stats").json()["requests_served"] == per_worker[1]["requests_served"]
-        assert _metric(srv, 'nanoqwen_requests_total{outcome="served"}') == REQUESTS
+        assert metric(srv, 'nanoqwen_requests_total{outcome="served"}') == REQUESTS
         assert sum(_vllm_series(srv, "vllm:generation_tokens_total").values()) == REQUESTS * MAX_TOKENS
         # ... folded into one archive of each kind by the master (nanoqwen.api.metric_archive), its own maps gone
         maps = {path.name for path in (worker_run_dir(respawned[1]["pid"]) / "metrics").iterdir()}
@@ -248,8 +247,7 @@ def test_a_respawned_worker_stays_off_the_socket_while_its_sibling_serves(tiny_c
     model_loading. On SIGHUP the old workers stop at once, so the new ones accept while they load, as before."""
     env = {"NANOQWEN_MODEL": str(tiny_checkpoint), **CPU, "NANOQWEN_QUANT": "int8"}  # a load of some seconds
     with GunicornServer(env, tmp_path / "gunicorn.log", args=("--workers", "2")) as srv:
-        wait_logged(lambda: _metric(srv, "nanoqwen_model_ready") == 2.0, "both workers loaded", srv)
-        workers = wait_logged(lambda: (w := _workers(srv)) and len(w) == 2 and w, "both workers published", srv)
+        workers = _both_ready(srv)
         os.kill(workers[0]["pid"], signal.SIGTERM)
         answers, while_loading, deadline = [], 0, time.monotonic() + 120
         while srv.log().count("ready: ") < 3:  # the respawned one's
@@ -258,7 +256,7 @@ def test_a_respawned_worker_stays_off_the_socket_while_its_sibling_serves(tiny_c
             while_loading += srv.log().count("Booting worker") == 3
         assert set(answers) == {"served"}, Counter(answers)
         assert while_loading >= 3, f"the respawned worker loaded before the client could reach it: {answers}"
-        wait_logged(lambda: _metric(srv, "nanoqwen_model_ready") == 2.0, "the respawned worker loaded", srv)
+        wait_logged(lambda: metric(srv, "nanoqwen_model_ready") == 2.0, "the respawned worker loaded", srv)
 
         srv.hangup()
         health, deadline = [], time.monotonic() + 120
@@ -275,8 +273,7 @@ def test_preloaded_workers_still_get_their_own_slot(tiny_checkpoint: Path, tmp_p
     env = {"NANOQWEN_MODEL": str(tiny_checkpoint), **CPU}
     with GunicornServer(env, tmp_path / "gunicorn.log", args=("--workers", "2", "--preload")) as srv:
         # a worker publishes its slot before its model loads: until then it answers 503 "loading"
-        wait_logged(lambda: _metric(srv, "nanoqwen_model_ready") == 2.0, "both workers loaded", srv)
-        workers = wait_logged(lambda: (w := _workers(srv)) and len(w) == 2 and w, "both workers published", srv)
+        workers = _both_ready(srv)
         assert {slot: sorted(os.sched_getaffinity(w["pid"])) for slot, w in workers.items()} == \
             {slot: cpu_share(cpus, slot, 2) for slot in (0, 1)}
         assert _chat(srv, 0) == MAX_TOKENS
@@ -294,8 +291,7 @@ def test_workers_serve_and_answer_stats_with_a_run_directory_they_cannot_write(t
     directory is back its maps are made with everything it recorded meanwhile."""
     env = {"NANOQWEN_MODEL": str(tiny_checkpoint), **CPU}
     with GunicornServer(env, tmp_path / "gunicorn.log", args=("--workers", "2")) as srv:
-        wait_logged(lambda: _metric(srv, "nanoqwen_model_ready") == 2.0, "both workers loaded", srv)
-        workers = wait_logged(lambda: (w := _workers(srv)) and len(w) == 2 and w, "both workers published", srv)
+        workers = _both_ready(srv)
         run_dir = worker_run_dir(workers[0]["pid"])
         blocked = [run_dir / "stats" / f"{slot}.{w['pid']}.tmp" for slot, w in workers.items()]
         for path in blocked:
@@ -330,7 +326,7 @@ def test_workers_serve_and_answer_stats_with_a_run_directory_they_cannot_write(t
         metrics_dir.unlink()
         moved.rename(metrics_dir)
 
-        wait_logged(lambda: _metric(srv, 'nanoqwen_requests_total{outcome="served"}') == served,
+        wait_logged(lambda: metric(srv, 'nanoqwen_requests_total{outcome="served"}') == served,
                     "every request counted, the respawned worker's included", srv, timeout=10)
         assert f'nanoqwen_kv_cache_usage{{pid="{respawned}"}}' in _get(srv, "/metrics").text
         # a scrape may make the maps before the worker's loop tries again and says so
