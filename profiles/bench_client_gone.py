@@ -22,10 +22,11 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
-from chat_http import CLIENT_HELLO, MODEL, cpu_env, engine_idle, raw_request, server_stats, wait_for  # noqa: E402
+from chat_http import CLIENT_HELLO, MODEL, cpu_env, engine_idle, raw_request, server_stats  # noqa: E402
 from checkpoints import TOKEN_IDS, make_checkpoint  # noqa: E402
 from nanoqwen.engine import EngineConfig  # noqa: E402
 from server_process import GunicornServer, serving_together  # noqa: E402
+from waits import wait_for  # noqa: E402
 
 NO_THINKING = {"chat_template_kwargs": {"enable_thinking": False}}
 USER = [{"role": "user", "content": "What is the best book?"}]

@@ -33,10 +33,11 @@ import requests
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "profiles")]
 
-from chat_http import MODEL, cpu_env, metric, wait_for  # noqa: E402
+from chat_http import MODEL, cpu_env, metric  # noqa: E402
 from checkpoints import make_checkpoint  # noqa: E402
 from common import command_line, markdown_table, write_outputs  # noqa: E402
 from server_process import GunicornServer  # noqa: E402
+from waits import wait_for  # noqa: E402
 
 
 def _answer(srv: GunicornServer, pause: float) -> str:

@@ -29,7 +29,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-from chat_http import MODEL, cpu_env, raw_request, server_stats, sse_payloads, wait_for  # noqa: E402
+from chat_http import MODEL, cpu_env, raw_request, server_stats, sse_payloads  # noqa: E402
 from checkpoints import load_hf_model, make_checkpoint  # noqa: E402
 from checks import Checks  # noqa: E402
 from engine_util import hf_greedy  # noqa: E402
@@ -37,6 +37,7 @@ from nanoqwen import loader  # noqa: E402
 from nanoqwen.text import TokenBytes  # noqa: E402
 from quant_reference import load_quantised_hf_model  # noqa: E402
 from server_process import GunicornServer  # noqa: E402
+from waits import wait_for  # noqa: E402
 
 MAX_LEN = 512
 NEW = 8

@@ -44,8 +44,19 @@ def rows(log: str) -> list[dict[str, Any]]:
 
 
 def per_minute(points: list[dict[str, Any]], name: str) -> float:
-    """`name`'s growth a minute from the first of `points` to the last."""
-    return (points[-1][name] - points[0][name]) * 60 / max(points[-1]["t"] - points[0]["t"], 1e-9)
+    """`name`'s growth a minute from the first of `points` to the last (at least two, apart in time)."""
+    return (points[-1][name] - points[0][name]) * 60 / (points[-1]["t"] - points[0]["t"])
+
+
+def slopes(half: list[dict[str, Any]]) -> str:
+    """The growth a minute over `half`, the log's last half; "too short" where it spans no time."""
+    seconds = half[-1]["t"] - half[0]["t"]
+    if seconds <= 0:
+        return f"last half ({len(half)} line{'s' * (len(half) != 1)}): too short for a slope"
+    return (f"last half ({seconds:.0f} s): RSS {per_minute(half, 'rss_mb'):+.2f} MB/min, anonymous "
+            f"{per_minute(half, 'anon_mb') if 'anon_mb' in half[0] else float('nan'):+.2f} MB/min, "
+            f"malloc used {per_minute(half, 'malloc_used_mb'):+.2f} MB/min, malloc free "
+            f"{per_minute(half, 'malloc_free_mb'):+.2f} MB/min, Python blocks {per_minute(half, 'py_blocks'):+.0f}/min")
 
 
 def main() -> int:
@@ -69,11 +80,7 @@ def main() -> int:
               f"{row['malloc_free_mb']:.0f} | {row['py_blocks']:.0f} | {row['grammars']:.0f} | "
               f"{chats[0]} ({chats[1] / 2**20:.1f}) | {responses[0]} ({responses[1] / 2**20:.1f}) | "
               f"{row['finished']:.0f} |")
-    half = watched[len(watched) // 2:]
-    print(f"last half ({half[-1]['t'] - half[0]['t']:.0f} s): RSS {per_minute(half, 'rss_mb'):+.2f} MB/min, anonymous "
-          f"{per_minute(half, 'anon_mb') if 'anon_mb' in half[0] else float('nan'):+.2f} MB/min, "
-          f"malloc used {per_minute(half, 'malloc_used_mb'):+.2f} MB/min, malloc free "
-          f"{per_minute(half, 'malloc_free_mb'):+.2f} MB/min, Python blocks {per_minute(half, 'py_blocks'):+.0f}/min")
+    print(slopes(watched[len(watched) // 2:]))
     trims = [line for line in log.splitlines() if line.startswith(TRIM_LINE)]
     if trims:
         print(f"{len(trims)} trims; the first and the last:", trims[0], trims[-1], sep="\n  ")

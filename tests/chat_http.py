@@ -8,7 +8,6 @@ import re
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
@@ -20,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from engine_util import hf_greedy
 from nanoqwen import loader
 from server_process import GunicornServer
+from waits import wait_for
 
 T = TypeVar("T")
 
@@ -85,17 +85,6 @@ def assert_completions_greedy(srv: GunicornServer, checkpoint: Path, hf: torch.n
     expected = [tokenizer.decode(hf_greedy(hf, p, new_tokens), skip_special_tokens=False) for p in prompts]
     for stream in streams:
         assert completion_texts(srv, body, stream) == expected, f"stream={stream}"
-
-
-def wait_for(predicate: Callable[[], T], timeout: float = 10.0, poll: float = 0.05,
-             what: str | Callable[[], str] = "condition not reached in time") -> T:
-    """predicate()'s first truthy value, asked every `poll` s; past `timeout` the test fails saying `what` (a callable:
-    what it says then, e.g. a server's log)."""
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        assert time.monotonic() < deadline, what() if callable(what) else what
-        time.sleep(poll)
-    return value
 
 
 def wait_logged(predicate: Callable[[], T], what: str, srv: GunicornServer, timeout: float = 180.0,

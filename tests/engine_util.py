@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import functools
 import random
-import time
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,6 +19,7 @@ from nanoqwen.engine.sequence import Request, Sequence
 from nanoqwen.engine.stream import EventStream
 from nanoqwen.sampler import compute_mask
 from ops.cpu import linear as cpu_linear
+from waits import wait_for
 
 # Three prompts of different lengths (one a chat-template prefix): batched, each row decodes at its own
 # context length, and where steps pad to buckets (graphs, compile, eager on a GPU) a bucket of 4 has a padded lane.
@@ -194,10 +194,12 @@ def started_engine(checkpoint: Path, **overrides: object) -> Engine:
     engine = Engine(EngineConfig(model=str(checkpoint), device="cpu", dtype="float32", **overrides))
     with shared_tokenizers():
         engine.start()
-        deadline = time.monotonic() + 60
-        while not engine.ready:
-            assert engine.load_error is None and time.monotonic() < deadline
-            time.sleep(0.01)
+
+        def loaded() -> bool:
+            assert engine.load_error is None, engine.load_error
+            return engine.ready
+
+        wait_for(loaded, 60, 0.01, "the engine to load")
     return engine
 
 

@@ -5,9 +5,9 @@ from typing import Any
 
 import openai
 
-from chat_http import wait_for
 from nanoqwen.api.responses_api import ResponseEvents
 from nanoqwen.engine.request import Event
+from waits import wait_for
 
 RUNNING = ("queued", "in_progress")  # a response's statuses until it ends
 

@@ -14,7 +14,6 @@ from flask.testing import FlaskClient
 from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.test import EnvironBuilder
 
-from chat_http import wait_for
 from nanoqwen.api import strict_json
 from nanoqwen.api.app import create_app
 from nanoqwen.api.body import READ_CHUNK, Body, parse_json, read_body
@@ -22,6 +21,7 @@ from nanoqwen.api.config import ServerConfig
 from nanoqwen.api.errors import APIError
 from nanoqwen.api.strict_json import MAX_SEPARATORS
 from nanoqwen.engine import Engine, EngineConfig
+from waits import wait_for
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 

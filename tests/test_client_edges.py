@@ -23,10 +23,10 @@ from chat_http import (
     raw_request,
     read_all,
     server_stats,
-    wait_for,
 )
 from checkpoints import TOKEN_IDS
 from server_process import GunicornServer
+from waits import wait_for
 
 USER = [{"role": "user", "content": "What is the best book?"}]
 NO_THINKING = {"chat_template_kwargs": {"enable_thinking": False}}

@@ -126,6 +126,7 @@ RESPONSES_FIELDS: dict[str, tuple[Any, Literal["ok", "refused", "not_found"]]] =
 RESPONSES_COMPANIONS: dict[str, dict[str, Any]] = {
     "stream_options": {"stream": True}, "tool_choice": {"tools": RESPONSES_TOOLS},
     "max_tool_calls": {"tools": RESPONSES_TOOLS},  # parallel_tool_calls needs none here, unlike chat's
+    "top_logprobs": {"include": ["message.output_text.logprobs"]},
 }
 LEGACY_FIELDS: dict[str, tuple[Any, Literal["ok", "refused"]]] = {
     "best_of": (3, "refused"),  # only 1 or n

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from chat_http import wait_for
 from nanoqwen.cli import ENGINE_OPTIONS
 from ops.cpu import C_KERNELS
 from ops.cpu import build as cpu_build
 from ops.cpu import graph as cpu_graph
 from server_process import REPO_ROOT
+from waits import wait_for
 
 KERNELS = list(C_KERNELS)
 SLOT_TYPES = {"p": ctypes.c_void_p, "l": ctypes.c_long, "i": ctypes.c_int, "f": ctypes.c_float}  # replay.c's slot

@@ -35,7 +35,6 @@ from chat_http import (
     server_stats,
     sse_events,
     sse_payloads,
-    wait_for,
     wait_logged,
 )
 from checkpoints import TOKEN_IDS
@@ -49,6 +48,7 @@ from nanoqwen.settings import EngineConfig
 from nanoqwen.text import TokenBytes
 from ops.cpu import build as cpu_build
 from server_process import REPO_ROOT, GunicornServer, pid_alive
+from waits import wait_for
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
 

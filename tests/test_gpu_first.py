@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from chat_http import wait_for
+from waits import wait_for
 
 SCRIPT = Path(__file__).resolve().parents[1] / "profiles" / "gpu_first.sh"
 STEPS = ["env", "deps", "kernels", "tests", "fixture", "decode_2k", "server", "decode", "bench", "quant", "trace",

@@ -9,12 +9,12 @@ import shutil
 import pytest
 import torch
 
-from chat_http import wait_for
 from checkpoints import QWEN3_GENERATION, make_checkpoint
 from nanoqwen import loader
 from nanoqwen.config import ModelConfig, resolve_dtype
 from nanoqwen.engine import Engine
 from nanoqwen.settings import EngineConfig
+from waits import wait_for
 
 
 @pytest.fixture

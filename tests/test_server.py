@@ -40,7 +40,6 @@ from chat_http import (
     server_stats,
     sse_events,
     sse_payloads,
-    wait_for,
 )
 from checkpoints import QWEN3_GENERATION, make_checkpoint
 from cpu_isas import cap_kernel_set, capped
@@ -50,6 +49,7 @@ from nanoqwen.api.sse import PROBE
 from ops.cpu import C_KERNELS, build, dequant
 from ops.cpu import linear as cpu_linear
 from server_process import GunicornServer, serving_together, worker_run_dir
+from waits import wait_for
 
 USER = [{"role": "user", "content": "Tell me a story about a robot."}]
 GREEDY = {"model": MODEL, "messages": USER, "temperature": 0, "max_tokens": 8}

@@ -10,11 +10,12 @@ import pytest
 import requests
 from openai.types.responses import Response
 
-from chat_http import MODEL, engine_idle, post_chat, server_stats, wait_for
+from chat_http import MODEL, engine_idle, post_chat, server_stats
 from nanoqwen.api.responses_background import MAX_RUNNING
 from nanoqwen.settings import EngineConfig
 from responses_util import RUNNING, polled
 from server_process import GunicornServer
+from waits import wait_for
 
 GREEDY = {"model": MODEL, "temperature": 0, "max_output_tokens": 16, "reasoning": {"effort": "none"}}
 LONG = {**GREEDY, "max_output_tokens": 400, "input": "Tell me a long story."}  # cancelled long before its end

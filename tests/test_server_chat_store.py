@@ -10,8 +10,9 @@ import openai
 import pytest
 import requests
 
-from chat_http import MODEL, engine_idle, sse_payloads, wait_for
+from chat_http import MODEL, engine_idle, sse_payloads
 from server_process import GunicornServer
+from waits import wait_for
 
 GREEDY = {"model": MODEL, "temperature": 0, "max_tokens": 8, "reasoning_effort": "none"}
 HI = [{"role": "user", "content": "Hello there"}]

@@ -8,10 +8,11 @@ import socket
 from collections.abc import Iterator
 from typing import Any
 
-from chat_http import MODEL, engine_idle, raw_request, server_stats, wait_for
+from chat_http import MODEL, engine_idle, raw_request, server_stats
 from checkpoints import TOKEN_IDS
 from nanoqwen.engine import EngineConfig
 from server_process import GunicornServer
+from waits import wait_for
 
 USER = [{"role": "user", "content": "What is the best book?"}]
 NO_THINKING = {"chat_template_kwargs": {"enable_thinking": False}}

@@ -19,8 +19,9 @@ from openai.types.chat import ChatCompletionChunk
 from openai.types.responses import ResponseStreamEvent
 from openai.types.shared import ErrorObject
 
-from chat_http import MODEL, cpu_env, engine_idle, metric, server_stats, sse_events, sse_payloads, wait_for
+from chat_http import MODEL, cpu_env, engine_idle, metric, server_stats, sse_events, sse_payloads
 from server_process import GunicornServer, pid_alive
+from waits import wait_for
 from wire_types import wire_problems
 
 CONFIG = Path(__file__).with_name("gunicorn_failing.py")

@@ -12,11 +12,12 @@ import openai
 import pytest
 import requests
 
-from chat_http import HELD_S, MODEL, health_polled, most_held, post_chat, server_stats, sse_events, wait_for
+from chat_http import HELD_S, MODEL, health_polled, most_held, post_chat, server_stats, sse_events
 from engine_util import GRAMMAR_FAILED
 from nanoqwen.api.strict_json import MAX_SEPARATORS
 from responses_util import polled
 from server_process import GunicornServer
+from waits import wait_for
 
 GREEDY = {"model": MODEL, "temperature": 0, "max_output_tokens": 16, "reasoning": {"effort": "none"}}
 PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 6},
@@ -76,7 +77,12 @@ def test_greedy_text_and_usage_equal_chat(client: openai.OpenAI, server: Gunicor
 
 
 def test_logprobs_need_include(client: openai.OpenAI) -> None:
-    plain = client.responses.create(input="Hi", top_logprobs=2, **GREEDY)
+    """top_logprobs without the include is a 400 naming it (OpenAI's answers `logprobs: []`, asked for and not
+    given); 0 asks for nothing include would add."""
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.responses.create(input="Hi", top_logprobs=2, **GREEDY)
+    assert refused.value.body["param"] == "top_logprobs" and "message.output_text.logprobs" in refused.value.message
+    plain = client.responses.create(input="Hi", top_logprobs=0, **GREEDY)
     assert plain.output[0].content[0].logprobs is None
     scored = client.responses.create(input="Hi", top_logprobs=2, include=["message.output_text.logprobs"], **GREEDY)
     logprobs = scored.output[0].content[0].logprobs

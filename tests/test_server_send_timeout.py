@@ -15,21 +15,11 @@ from typing import Any
 
 import pytest
 
-from chat_http import (
-    HELD_S,
-    MODEL,
-    cpu_env,
-    dechunk,
-    engine_idle,
-    health_polled,
-    most_held,
-    raw_request,
-    server_stats,
-    wait_for,
-)
+from chat_http import HELD_S, MODEL, cpu_env, dechunk, engine_idle, health_polled, most_held, raw_request, server_stats
 from checkpoints import make_checkpoint
 from health_poll import reported_schedstat, schedstat
 from server_process import GunicornServer
+from waits import wait_for
 
 SEND_TIMEOUT_S = 2
 LONG = 4000  # tokens: seconds of generation (~20 s here), far past the drop

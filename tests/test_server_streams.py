@@ -8,8 +8,9 @@ import struct
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from chat_http import MODEL, dechunk, engine_idle, raw_request, read_all, server_stats, wait_for
+from chat_http import MODEL, dechunk, engine_idle, raw_request, read_all, server_stats
 from server_process import GunicornServer
+from waits import wait_for
 
 NO_THINKING = {"chat_template_kwargs": {"enable_thinking": False}}
 

@@ -33,7 +33,6 @@ from chat_http import (
     post_chat,
     server_stats,
     sse_payloads,
-    wait_for,
 )
 from checkpoints import END_THINK_ID, ENDOFTEXT_ID, IM_END_ID, THINK_ID, TOKEN_IDS, make_checkpoint
 from engine_util import GRAMMAR_FAILED
@@ -54,6 +53,7 @@ from schema_shapes import (
     ref_chain,
 )
 from server_process import GunicornServer
+from waits import wait_for
 
 USER = [{"role": "user", "content": "Describe a person as JSON."}]
 NO_THINKING = {"chat_template_kwargs": {"enable_thinking": False}}

@@ -11,9 +11,10 @@ from collections.abc import Iterator
 import pytest
 import requests
 
-from chat_http import MODEL, cpu_env, raw_request, wait_for
+from chat_http import MODEL, cpu_env, raw_request
 from checkpoints import make_checkpoint
 from server_process import GunicornServer
+from waits import wait_for
 
 pytestmark = pytest.mark.filterwarnings("ignore::urllib3.exceptions.InsecureRequestWarning")  # our own certificate
 NO_THINKING = {"chat_template_kwargs": {"enable_thinking": False}}

@@ -633,6 +633,9 @@ def parse_responses_request(body: Any, budget: Budget | None) -> ResponseCreateR
     _check_prompt_fields(req)
     if req.background and req.store is False:
         raise APIError(400, "Background mode requires 'store' to be true.", param="background")
+    if req.top_logprobs and not req.wants_logprobs:  # OpenAI's answers `logprobs: []`: a silent ignore
+        raise APIError(400, f"top_logprobs needs include [\"{LOGPROBS_INCLUDE}\"]: without it no logprobs are "
+                       "returned", param="top_logprobs")
     return req
 
 
