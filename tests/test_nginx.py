@@ -126,6 +126,15 @@ def test_an_http10_request_without_host_is_served(replicas, tmp_path):
     assert answer.split(b"\r\n", 1)[0].split(b" ")[1] == b"200", answer
 
 
+def _raw_answer(lb: Nginx, raw: bytes) -> tuple[bytes, bytes]:
+    """The (head, body) nginx answers to `raw` (a request's line and headers, sent with `Connection: close`)."""
+    with socket.create_connection(("127.0.0.1", lb.port), timeout=30) as sock:
+        sock.sendall(raw + b"Connection: close\r\n\r\n")
+        answer = read_all(sock)
+    head, body = answer.split(b"\r\n\r\n", 1)
+    return head, body
+
+
 @pytest.mark.parametrize("raw", [
     b"GET /health HTTP/1.1\r\nHost: a,b\r\n", b"GET /health HTTP/1.1\r\nHost: a\r\nHost: b\r\n",
     b"GET /health HTTP/1.1\r\nHost: a, b\r\n", b"GET /he\x01alth HTTP/1.1\r\nHost: a\r\n", b"GARBAGE\r\n",
@@ -137,14 +146,29 @@ def test_what_nginx_refuses_is_refused_in_the_api_s_envelope(replicas, tmp_path,
     past its buffers (494) and a bad Content-Length with its HTML 400, but took `a,b` and `a:1,b:2` (a comma is valid
     in its host names) and passed them on, a replica's 400 (RFC 9110 5.3: two Hosts joined): each one refusal now,
     nginx's, in the OpenAI envelope, as the API's others."""
-    with (Nginx(tmp_path, [f"127.0.0.1:{s.port}" for s in replicas]) as lb,
-          socket.create_connection(("127.0.0.1", lb.port), timeout=30) as sock):
-        sock.sendall(raw + b"Connection: close\r\n\r\n")
-        answer = read_all(sock)
-    head, body = answer.split(b"\r\n\r\n", 1)
-    assert head.split(b" ")[1] == b"400", answer
+    with Nginx(tmp_path, [f"127.0.0.1:{s.port}" for s in replicas]) as lb:
+        head, body = _raw_answer(lb, raw)
+    assert head.split(b" ")[1] == b"400", head + body
     error = json.loads(body)["error"]
-    assert error["type"] == "invalid_request_error" and error["message"] == NGINX_BAD_REQUEST, answer
+    assert error["type"] == "invalid_request_error" and error["message"] == NGINX_BAD_REQUEST, body
+
+
+@pytest.mark.parametrize(("raw", "status", "code"), [
+    (b"GET /health?q=" + b"a" * 9000 + b" HTTP/1.1\r\nHost: a\r\n", b"414", "uri_too_long"),
+    (b"POST /v1/chat/completions HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n", b"501",
+     "unsupported_transfer_coding"),
+    (b"GET /health HTTP/2.0\r\nHost: a\r\n", b"505", None),
+], ids=["target-past-buffers", "gzip-chunked", "http2-request-line"])
+def test_nginx_s_other_refusals_are_in_the_api_s_envelope(replicas, tmp_path, raw: bytes, status: bytes,
+                                                          code: str | None):
+    """A request line past nginx's buffers (414), a transfer coding it does not decode (501; a replica answers
+    `gzip, chunked` a 415) and an HTTP version past 1.1 (505) were nginx's HTML pages: now the OpenAI envelope, with
+    the code a replica gives the same refusal."""
+    with Nginx(tmp_path, [f"127.0.0.1:{s.port}" for s in replicas]) as lb:
+        head, body = _raw_answer(lb, raw)
+    assert head.split(b" ")[1] == status, head + body
+    error = json.loads(body)["error"]
+    assert error["type"] == "invalid_request_error" and error["code"] == code and error["param"] is None, body
 
 
 def test_a_body_past_nginx_s_limit_is_refused_in_the_api_s_envelope(replicas, tmp_path):
@@ -162,16 +186,13 @@ def test_a_body_past_nginx_s_limit_is_refused_in_the_api_s_envelope(replicas, tm
 def test_a_trace_nginx_refuses_is_refused_in_the_api_s_envelope(replicas, tmp_path):
     """nginx answers TRACE itself with its HTML 405 page, before any replica: now in the envelope of a replica's 405
     method_not_allowed. A replica's own 405 passes as it is."""
-    with (Nginx(tmp_path, [f"127.0.0.1:{s.port}" for s in replicas]) as lb,
-          socket.create_connection(("127.0.0.1", lb.port), timeout=30) as sock):
-        sock.sendall(b"TRACE / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
-        answer = read_all(sock)
+    with Nginx(tmp_path, [f"127.0.0.1:{s.port}" for s in replicas]) as lb:
+        head, body = _raw_answer(lb, b"TRACE / HTTP/1.1\r\nHost: a\r\n")
         replicas_own = requests.delete(f"{lb.url}/v1/models", timeout=TIMEOUT)
-    head, body = answer.split(b"\r\n\r\n", 1)
-    assert head.split(b" ")[1] == b"405", answer
+    assert head.split(b" ")[1] == b"405", head + body
     assert json.loads(body)["error"] == {"message": "nginx does not forward TRACE requests (RFC 9110 9.3.8)",
                                          "type": "invalid_request_error", "param": None,
-                                         "code": "method_not_allowed"}, answer
+                                         "code": "method_not_allowed"}, body
     assert replicas_own.status_code == 405, replicas_own.text
     assert replicas_own.json()["error"]["message"] == "Method DELETE is not allowed on /v1/models", replicas_own.text
 
