@@ -362,7 +362,10 @@ def test_workers_serve_and_answer_stats_with_a_run_directory_they_cannot_write(t
 
         wait_logged(lambda: metric(srv, 'nanoqwen_requests_total{outcome="served"}') == served,
                     "every request counted, the respawned worker's included", srv, timeout=10)
-        assert f'nanoqwen_kv_cache_usage{{pid="{respawned}"}}' in _get(srv, "/metrics").text
+        # the count above may be the sibling's alone (the respawned one took none of the requests): its maps are made
+        # at its first publish since
+        wait_logged(lambda: f'nanoqwen_kv_cache_usage{{pid="{respawned}"}}' in _get(srv, "/metrics").text,
+                    "the respawned worker's gauges", srv, timeout=10)
         # a scrape may make the maps before the worker's loop tries again and says so
         again = f"worker {respawned}: its statistics are published again"
         log = wait_logged(lambda: again in (log := srv.log()) and log, "the worker's loop to publish again", srv,
