@@ -252,7 +252,8 @@ def test_a_respawned_worker_stays_off_the_socket_while_its_sibling_serves(tiny_c
     """A worker respawned beside a ready sibling (here after a SIGTERM; --max-requests and a crash respawn the same
     way) accepted while its model loaded and, idle, first: it answered 503 model_loading what its sibling would have
     served (lane scale43: 61 of 80 requests under --max-requests 8). It accepts once loaded: a steady client sees no
-    model_loading. On SIGHUP the old workers stop at once, so the new ones accept while they load, as before."""
+    model_loading. On SIGHUP the old workers stop at once, so the new ones accept while they load, as before;
+    they take the old ones' slots 0 and 1."""
     env = {"NANOQWEN_MODEL": str(tiny_checkpoint), **CPU, "NANOQWEN_QUANT": "int8"}  # a load of some seconds
     with GunicornServer(env, tmp_path / "gunicorn.log", args=("--workers", "2")) as srv:
         workers = _both_ready(srv)
