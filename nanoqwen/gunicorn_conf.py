@@ -5,7 +5,7 @@ Read by `gunicorn server:app` in the repository root (gunicorn.conf.py imports t
 the engine runs in its own OS thread inside that worker and request greenlets only wait on it, so
 one worker serves many concurrent streams. With `--workers N` each worker takes a slot 0..N-1 and
 with it a device (cuda:<slot>) or, on the CPU, a share of the cores (nanoqwen.placement); a
-respawned worker takes its dead predecessor's slot.
+respawned worker takes its dead predecessor's slot, a reload's new worker an old one's.
 """
 import os
 import sys
@@ -18,7 +18,7 @@ from nanoqwen.settings import GRACEFUL_TIMEOUT_S, EngineConfig, env_setting
 __all__ = [
     "bind", "worker_class", "workers", "worker_connections", "preload_app", "timeout", "graceful_timeout",
     "keepalive", "forwarder_headers", "control_socket_disable", "worker_tmp_dir", "accesslog", "access_log_format",
-    "logger_class", "on_starting", "pre_fork", "post_fork", "child_exit", "on_exit",
+    "logger_class", "on_starting", "on_reload", "pre_fork", "post_fork", "child_exit", "on_exit",
 ]
 # Here, not in a hook: `--preload` imports the app (and prometheus_client, which reads the
 # multiprocess directory once, at import) before gunicorn runs any hook.
@@ -64,9 +64,20 @@ def on_starting(server) -> None:
         raise RuntimeError(refused)
 
 
+def on_reload(server) -> None:
+    """SIGHUP: gunicorn forks the new workers, then stops the old ones. The old ones give up their slots, so that the
+    new ones take 0..N-1 again (they took N..2N-1, and kept them); each new one loads once the old one of its slot has
+    gone (nanoqwen.worker's _wait_for_predecessors)."""
+    for worker in server.WORKERS.values():
+        worker.nanoqwen_retiring = True
+
+
 def pre_fork(server, worker) -> None:
     finish_folds(server.log.exception)
-    worker.nanoqwen_slot = lowest_free_slot({w.nanoqwen_slot for w in server.WORKERS.values()})
+    live = server.WORKERS.values()
+    worker.nanoqwen_slot = lowest_free_slot({w.nanoqwen_slot for w in live if not w.nanoqwen_retiring})
+    worker.nanoqwen_retiring = False
+    worker.nanoqwen_predecessors = tuple(w.pid for w in live if w.nanoqwen_slot == worker.nanoqwen_slot)
 
 
 def post_fork(server, worker) -> None:
@@ -90,7 +101,7 @@ def post_fork(server, worker) -> None:
 
 
 def child_exit(server, worker) -> None:
-    forget_worker(worker.nanoqwen_slot, worker.pid, server.log.exception)
+    forget_worker(worker.pid, server.log.exception)
 
 
 def on_exit(server) -> None:

@@ -36,7 +36,7 @@ from gunicorn.workers.ggevent import GeventWorker
 
 from nanoqwen.api.body import CLIENT_CLOSED, CLIENT_GONE, CLOSE_CONNECTION, READ_CHUNK
 from nanoqwen.api.errors import error_body
-from nanoqwen.api.shared_stats import PUBLISH_S
+from nanoqwen.api.shared_stats import PUBLISH_S, forgotten
 from nanoqwen.boot_signals import exit_on_stop_signals
 from nanoqwen.request_line import CheckedRequest, refused_method
 from nanoqwen.send_timeout import SendTimeout, TimedWrites
@@ -53,6 +53,7 @@ LINGER_S, LINGER_IDLE_S = 5.0, 1.0
 STOPPING_WAIT_S = 1.0
 LOAD_POLL_S = 0.2
 ROOM_POLL_S = 0.25
+OFF_SOCKET = "off the listening socket while its model loads: another worker serves"
 
 
 def route_logs(worker: GeventWorker) -> None:
@@ -221,9 +222,14 @@ class NanoqwenWorker(GeventWorker):
       (_make_room).
     - a worker whose model loads stays off the shared listening socket while another worker serves
       (_wait_while_a_sibling_serves), and its snapshot says whether it serves (_serving).
+    - with several workers, one that reaches --max-requests while no other serves serves on until one does
+      (_hold_at_limit), and a reload's new worker loads once the old one whose slot it took has gone
+      (_wait_for_predecessors).
     - a request line is refused at its first byte that cannot be one (a TLS ClientHello: nanoqwen.request_line), not
       once 4 KiB or a line feed came.
     """
+
+    nanoqwen_predecessors: tuple[int, ...] = ()  # the old workers whose slot it took (nanoqwen.gunicorn_conf.pre_fork)
 
     def patch(self) -> None:
         # Imported before patching: modules that break once `select` is patched stay out of reach
@@ -311,6 +317,8 @@ class NanoqwenWorker(GeventWorker):
         # successor too, forever (the server never ready); taken off before gunicorn's check of the limit
         counted, loading = self.nr, not self._engine.ready
         self.nr -= loading
+        if not loading:
+            self._hold_at_limit()
         if req._expected_100_continue:  # gunicorn's wsgi.create would send it before the app sees the request
             req._expected_100_continue = False
             if _body_follows(req):  # none to wait for: the request is whole (RFC 9110 10.1.1: no 100 is needed)
@@ -340,10 +348,41 @@ class NanoqwenWorker(GeventWorker):
         """One more request towards --max-requests, and the check of its limit as gunicorn's handle_request makes it
         (kept alike on an upgrade). Its answer is sent by now, without the `Connection: close` gunicorn's would have:
         the exit closes that connection as an idle keep-alive one."""
+        self._hold_at_limit()
         self.nr += 1
         if self.nr >= self.max_requests and self.alive:
             self.log.info("Autorestarting worker after current request.")
             self.alive = False
+
+    def _hold_at_limit(self) -> None:
+        """Before a request counts towards --max-requests: where it is the one that reaches the limit, with several
+        workers and none other serving (loading: splitting the requests evenly, the workers reach their limits within
+        one load of each other), the restart waits (_restart_when_another_serves). Restarting then left no worker
+        loaded, and the respawned ones answered 503 model_loading (61 of 80 requests: profiles/RESULTS.md, lane
+        scale43). A lone worker restarts at once, as gunicorn's does."""
+        if self.nr + 1 < self.max_requests or self.cfg.workers < 2 or self._stats.may_restart():
+            return
+        self.max_requests = sys.maxsize  # gunicorn's check of the limit (and _count_served's) left to the wait
+        gevent.spawn(self._restart_when_another_serves)
+
+    def _restart_when_another_serves(self) -> None:
+        """The deferred restart: once another worker serves and no other's restart is under way (may_restart), or
+        gunicorn's --timeout after the limit (a sibling that never loads does not keep this one for ever), whichever
+        comes first; a stop meanwhile (SIGTERM) is that stop."""
+        bound_s = self.cfg.timeout
+        self.log.info("worker %s reached --max-requests while no other worker serves: it restarts once one does, "
+                      "in %s s (--timeout) at most", self.pid, bound_s)
+        deadline = time.monotonic() + bound_s
+        while self.alive and not self._stats.may_restart():
+            if time.monotonic() >= deadline:
+                self.log.warning("worker %s: no other worker served within %s s (--timeout) of its --max-requests: "
+                                 "restarting all the same", self.pid, bound_s)
+                break
+            gevent.sleep(LOAD_POLL_S)
+        if self.alive:
+            self.log.info("Autorestarting worker: another worker serves.")
+            self.alive = False
+            self._start_drain()
 
     def _outside_script_name(self, path: str) -> bool:
         """Whether path lies outside the operator's SCRIPT_NAME (none: nothing does): gunicorn strips its characters
@@ -400,10 +439,12 @@ class NanoqwenWorker(GeventWorker):
         self._engine = engine
         self._app: WSGIApplication = self.wsgi
         self.wsgi = self._closing_when_told
-        _freeze_imported_objects()
-        start_engine(before_ready=_freeze_loaded_objects)
         self._stats = app.extensions["nanoqwen.stats"]
         self._stats.serving = self._serving
+        _freeze_imported_objects()
+        if not self._wait_for_predecessors():
+            return
+        start_engine(before_ready=_freeze_loaded_objects)
         gevent.spawn(self._exit_if_load_fails, engine)
         gevent.spawn(self._publish_stats, self._stats)
         try:
@@ -419,13 +460,27 @@ class NanoqwenWorker(GeventWorker):
                 self.log.info("Worker exiting before its model loaded (pid: %s)", self.pid)
                 os._exit(0)
 
+    def _wait_for_predecessors(self) -> bool:
+        """A reload's new worker takes the slot of an old one, which drains meanwhile (nanoqwen.gunicorn_conf's
+        on_reload); it loads and publishes once that one has gone and the master has forgotten it, so that no two
+        live workers show one slot (/stats, vLLM's `engine` label) and the old one's device memory is free. Its imports
+        overlap the old one's drain (up to --graceful-timeout). False: stopped while it waited."""
+        while self.alive and not all(forgotten(pid) for pid in self.nanoqwen_predecessors):
+            self.notify()  # gunicorn's heartbeat
+            gevent.sleep(LOAD_POLL_S)
+        return self.alive
+
     def _wait_while_a_sibling_serves(self) -> bool:
         """Keeps this worker off the shared listening socket while its model loads and another worker serves: idle, a
         loading worker accepted first and answered 503 model_loading that its ready sibling would have served (61 of
         80 requests under --max-requests 8 with 2 workers: profiles/RESULTS.md, lane scale43). It accepts once its
         model is loaded, or at once when no other worker serves (a lone worker, all of them loading, the old ones of
         a SIGHUP stopping); a run directory it cannot read is taken for none. False: stopped while it waited."""
+        waited = False
         while self.alive and not self._engine.ready and self._stats.another_serves():
+            if not waited:
+                waited = True
+                self.log.info("worker %s: %s", self.pid, OFF_SOCKET)
             self.notify()  # gunicorn's heartbeat: its master kills a silent worker at --timeout
             gevent.sleep(LOAD_POLL_S)
         return self.alive

@@ -9,8 +9,8 @@ through the official client without retries, --pause seconds apart, each on a co
 turns accepting, as for clients behind a balancer that opens new connections), while every --term-every seconds (0:
 never) one worker, by turns, is sent SIGTERM (a kill's respawn). Counts each answer by outcome (served, or its error
 code), and the workers' respawns from gunicorn's log. Lane scale43's restart load: 2 workers, --max-requests 8, jitter
-4, 10 clients x 8 requests: both workers reach their limit within one load, so neither serves while they load; so
-mostly under --max-requests at any steady rate, the requests split evenly. A load where one worker outlives the other's
+4, 10 clients x 8 requests: both workers reach their limit within one load (the requests split evenly), where the
+second now serves on till the first's successor serves (lane maxreq44). A load where one worker outlives the other's
 respawn: --max-requests 0 --term-every 15 --clients 2 --requests 200 --pause 0.25. Writes respawn_503.json and .md into
 --out (default profiles/out/respawn-503/).
 """

@@ -32,7 +32,7 @@ DEAD_PID = 10**9  # above any pid_max: never a live worker's
 # what gunicorn's master runs at each reap (nanoqwen/gunicorn_conf.py child_exit), for each dead pid in turn; the slot
 # is one no worker has (its /stats snapshot's removal)
 FOLDER = ("import sys\nfrom nanoqwen.api.shared_stats import forget_worker\n"
-          "for pid in sys.argv[1:]:\n    forget_worker(99, int(pid), print)\n")
+          "for pid in sys.argv[1:]:\n    forget_worker(int(pid), print)\n")
 
 
 def _streams(url: str, stop: threading.Event, gaps: list[float]) -> None:

@@ -67,7 +67,7 @@ def test_respawned_workers_leave_two_maps_and_every_count(directory: Path) -> No
     sizes = set()
     for dead in range(2, 42):
         _worker_maps(directory, dead)
-        forget_worker(0, dead, LOG.exception)
+        forget_worker(dead, LOG.exception)
         maps = sorted(path.name for path in directory.iterdir())
         generation = 2 * dead - 3  # two a fold: the archive naming the dead pid, then renamed to name none
         assert maps == sorted([f"counter_{LIVE}.db", f"histogram_{LIVE}.db", f"counter_folded_{generation}_0.db",
@@ -81,7 +81,7 @@ def test_a_worker_given_a_folded_workers_pid_is_counted(directory: Path) -> None
     """pids are reused: the successor (or any later worker) may get the pid the archive folded last, whose maps a
     scrape skips while the fold is under way; once it is done the archive names none."""
     _worker_maps(directory, 2)
-    forget_worker(0, 2, LOG.exception)
+    forget_worker(2, LOG.exception)
     _worker_maps(directory, 2)
     assert _scraped(directory) == _totals([LIVE, 2, 2])
 
@@ -94,7 +94,7 @@ def test_a_fold_that_cannot_write_keeps_the_dead_maps(directory: Path, monkeypat
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(Path, "write_bytes", full)
-    forget_worker(0, 2, LOG.exception)
+    forget_worker(2, LOG.exception)
     assert sorted(path.name for path in directory.iterdir()) == ["counter_1.db", "counter_2.db", "histogram_1.db",
                                                                  "histogram_2.db"]
     assert _scraped(directory) == _totals([LIVE, 2])
@@ -122,14 +122,14 @@ def test_a_fold_stopped_after_its_write_is_finished_by_the_next(directory: Path,
     only its own pid, and 3's map was read on top of it for ever); a write's leftover goes too."""
     for dead in (2, 3):
         _worker_maps(directory, dead)
-    forget_worker(0, 2, LOG.exception)
+    forget_worker(2, LOG.exception)
     _unlink_fails_once(monkeypatch, lambda path: path.name.startswith("counter_folded_"))
-    forget_worker(0, 3, LOG.exception)
+    forget_worker(3, LOG.exception)
     assert [record.getMessage() for record in caplog.records] == ["worker 3: the fold of its counter map failed"]
     assert _scraped(directory) == _totals([LIVE, 2, 3])
     (directory / "counter_folded_9_0.db.making").write_bytes(b"")  # the master stopped during a write
     _worker_maps(directory, 4)
-    forget_worker(0, 4, LOG.exception)
+    forget_worker(4, LOG.exception)
     assert _scraped(directory) == _totals([LIVE, 2, 3, 4])
     assert sorted(path.name for path in directory.iterdir()) == sorted([
         f"counter_{LIVE}.db", f"histogram_{LIVE}.db", "counter_folded_5_0.db", "histogram_folded_5_0.db"])  # bounded
@@ -143,13 +143,13 @@ def test_a_fold_left_undone_is_finished_before_the_next_fork(directory: Path, mo
     archive named 2) and removed by it, its counts lost."""
     _worker_maps(directory, 2)
     _unlink_fails_once(monkeypatch, lambda path: path.name == "counter_2.db")
-    forget_worker(0, 2, LOG.exception)
+    forget_worker(2, LOG.exception)
     assert [record.getMessage() for record in caplog.records] == ["worker 2: the fold of its counter map failed"]
     finish_folds(LOG.exception)  # pre_fork's
     _worker_maps(directory, 2)  # the forked worker, given pid 2
     assert _scraped(directory) == _totals([LIVE, 2, 2])
     _worker_maps(directory, 3)
-    forget_worker(0, 3, LOG.exception)
+    forget_worker(3, LOG.exception)
     assert _scraped(directory) == _totals([LIVE, 2, 2, 3])
     assert len(caplog.records) == 1
 
@@ -175,9 +175,9 @@ def test_a_damaged_map_is_logged_not_raised(directory: Path, caplog: pytest.LogC
     done all the same."""
     (directory / "counter_7.db").write_bytes(garbage)
     (directory / "gauge_livesum_7.db").write_bytes(b"")
-    snapshot = directory.parent / "stats" / "0.json"
+    snapshot = directory.parent / "stats" / "7.json"
     snapshot.write_text("{}")
-    forget_worker(0, 7, LOG.exception)
+    forget_worker(7, LOG.exception)
     [failure] = caplog.records
     assert failure.getMessage() == "worker 7: the fold of its counter map failed" and failure.exc_info
     assert not snapshot.exists() and not (directory / "gauge_livesum_7.db").exists()

@@ -20,7 +20,7 @@ from chat_http import metric, vllm_samples, wait_logged
 from nanoqwen import worker
 from nanoqwen.api import shared_stats
 from nanoqwen.api.shared_stats import aggregate
-from nanoqwen.placement import SLOT_ENV, cpu_share, lowest_free_slot, worker_device
+from nanoqwen.placement import cpu_share, lowest_free_slot, worker_device
 from nanoqwen.settings import EngineConfig, env_setting
 from server_process import GunicornServer, copy_maps_as_dead, worker_run_dir
 
@@ -97,14 +97,13 @@ def test_aggregate_sums_counts_and_weights_the_mean():
     assert total["spec_decode_acceptance_rate"] == pytest.approx(0.5)  # 20 of 40, not the mean of the rates
 
 
-def test_another_serves_only_where_a_sibling_published_so_lately(tmp_path: Path, monkeypatch) -> None:
+def test_another_serves_only_where_a_sibling_published_so_lately(tmp_path: Path) -> None:
     """What a loading worker waits on: another slot's snapshot that says it serves, replaced within SERVING_FRESH_S
-    (older: a stalled worker's, which accepts nothing either); its own slot's and a stopping one's do not count."""
-    monkeypatch.setenv(SLOT_ENV, "0")
+    (older: a stalled worker's, which accepts nothing either); its own and a stopping one's do not count."""
     (tmp_path / "stats").mkdir()
     shared = shared_stats.SharedStats(tmp_path)
-    snapshot = tmp_path / "stats" / "1.json"
-    (tmp_path / "stats" / "0.json").write_text('{"serving": true}')
+    snapshot = shared_stats.snapshot_path(tmp_path, os.getpid() + 1)
+    shared_stats.snapshot_path(tmp_path, os.getpid()).write_text('{"serving": true}')
     assert not shared.another_serves()  # its own
     snapshot.write_text('{"serving": false}')
     assert not shared.another_serves()  # stopping, or loading
@@ -113,6 +112,15 @@ def test_another_serves_only_where_a_sibling_published_so_lately(tmp_path: Path,
     stale = time.time() - shared_stats.SERVING_FRESH_S - 1
     os.utime(snapshot, (stale, stale))
     assert not shared.another_serves()
+
+
+def test_restarts_at_max_requests_take_turns(tmp_path: Path) -> None:
+    """Two workers that reached their limits at once each saw the other serve, and both restarted: the first to take
+    the turn holds it (till its exit), the second waits."""
+    (tmp_path / "stats").mkdir()
+    first, second = shared_stats.SharedStats(tmp_path), shared_stats.SharedStats(tmp_path)
+    assert first.take_restart_turn() and first.take_restart_turn()
+    assert not second.take_restart_turn()
 
 
 def _get(srv: GunicornServer, path: str) -> requests.Response:
@@ -244,7 +252,8 @@ def test_a_respawned_worker_stays_off_the_socket_while_its_sibling_serves(tiny_c
     """A worker respawned beside a ready sibling (here after a SIGTERM; --max-requests and a crash respawn the same
     way) accepted while its model loaded and, idle, first: it answered 503 model_loading what its sibling would have
     served (lane scale43: 61 of 80 requests under --max-requests 8). It accepts once loaded: a steady client sees no
-    model_loading. On SIGHUP the old workers stop at once, so the new ones accept while they load, as before."""
+    model_loading. On SIGHUP the old workers stop at once, so the new ones accept while they load, as before;
+    they take the old ones' slots 0 and 1."""
     env = {"NANOQWEN_MODEL": str(tiny_checkpoint), **CPU, "NANOQWEN_QUANT": "int8"}  # a load of some seconds
     with GunicornServer(env, tmp_path / "gunicorn.log", args=("--workers", "2")) as srv:
         workers = _both_ready(srv)
@@ -252,8 +261,9 @@ def test_a_respawned_worker_stays_off_the_socket_while_its_sibling_serves(tiny_c
         answers, while_loading, deadline = [], 0, time.monotonic() + 120
         while srv.log().count("ready: ") < 3:  # the respawned one's
             assert time.monotonic() < deadline, f"the respawned worker never loaded: {Counter(answers)}\n{srv.log()}"
+            loading = worker.OFF_SOCKET in srv.log()  # past its imports: where it accepted before
             answers.append(_answered(srv))
-            while_loading += srv.log().count("Booting worker") == 3
+            while_loading += loading
         assert set(answers) == {"served"}, Counter(answers)
         assert while_loading >= 3, f"the respawned worker loaded before the client could reach it: {answers}"
         wait_logged(lambda: metric(srv, "nanoqwen_model_ready") == 2.0, "the respawned worker loaded", srv)
@@ -264,7 +274,32 @@ def test_a_respawned_worker_stays_off_the_socket_while_its_sibling_serves(tiny_c
             assert time.monotonic() < deadline, f"the new workers never loaded: {health}\n{srv.log()}"
             response = requests.get(f"{srv.url}/health", timeout=60)  # during their imports: in the backlog
             health.append("healthy" if response.ok else response.json()["status"])
+            slots = [w["slot"] for w in requests.get(f"{srv.url}/stats", timeout=60).json()["workers"]]
+            assert len(slots) == len(set(slots)), slots  # no two live workers in one slot, old or new
         assert "loading" in health, health
+        # the new workers take the old ones' slots: they took 2 and 3, and kept them (lane scale43)
+        old = {w["pid"] for w in workers.values()}
+        new = wait_logged(lambda: (w := _workers(srv)) and len(w) == 2 and not old & {v["pid"] for v in w.values()}
+                          and w, "the new workers published", srv)
+        assert sorted(new) == [0, 1]
+        assert sorted(_vllm_series(srv, "vllm:num_requests_running")) == [(slot, MODEL, None) for slot in "01"]
+
+
+def test_workers_at_max_requests_restart_by_turns_one_serving_throughout(tiny_checkpoint: Path, tmp_path: Path):
+    """Under --max-requests the workers split the requests and reach their limits within one load of each other: the
+    second restarted while the first's successor loaded, none served, and the respawned ones answered 503
+    model_loading (lane scale43: 61 of 80). A worker at its limit now serves on until another serves, then restarts: a
+    steady client sees no model_loading."""
+    env = {"NANOQWEN_MODEL": str(tiny_checkpoint), **CPU, "NANOQWEN_GRAPH": "none"}  # the imports make the window
+    with GunicornServer(env, tmp_path / "gunicorn.log", args=("--workers", "2", "--max-requests", "4")) as srv:
+        wait_logged(lambda: srv.log().count("ready: ") == 2, "both workers loaded", srv)  # polls would count
+        served, deadline = 0, time.monotonic() + 300
+        while srv.log().count("ready: ") < 3:  # the first respawned one's
+            assert time.monotonic() < deadline, f"no worker respawned\n{srv.log()}"
+            assert _answered(srv) == "served", f"after {served} served\n{srv.log()}"
+            served += 1
+        assert "reached --max-requests while no other worker serves" in srv.log()
+        wait_logged(lambda: "Autorestarting worker: another worker serves" in srv.log(), "the deferred restart", srv)
 
 
 def test_preloaded_workers_still_get_their_own_slot(tiny_checkpoint: Path, tmp_path: Path):
@@ -293,7 +328,7 @@ def test_workers_serve_and_answer_stats_with_a_run_directory_they_cannot_write(t
     with GunicornServer(env, tmp_path / "gunicorn.log", args=("--workers", "2")) as srv:
         workers = _both_ready(srv)
         run_dir = worker_run_dir(workers[0]["pid"])
-        blocked = [run_dir / "stats" / f"{slot}.{w['pid']}.tmp" for slot, w in workers.items()]
+        blocked = [shared_stats.snapshot_path(run_dir, w["pid"]).with_suffix(".tmp") for w in workers.values()]
         for path in blocked:
             path.mkdir()
         time.sleep(3 * shared_stats.PUBLISH_S)
@@ -328,7 +363,10 @@ def test_workers_serve_and_answer_stats_with_a_run_directory_they_cannot_write(t
 
         wait_logged(lambda: metric(srv, 'nanoqwen_requests_total{outcome="served"}') == served,
                     "every request counted, the respawned worker's included", srv, timeout=10)
-        assert f'nanoqwen_kv_cache_usage{{pid="{respawned}"}}' in _get(srv, "/metrics").text
+        # the count above may be the sibling's alone (the respawned one took none of the requests): its maps are made
+        # at its first publish since
+        wait_logged(lambda: f'nanoqwen_kv_cache_usage{{pid="{respawned}"}}' in _get(srv, "/metrics").text,
+                    "the respawned worker's gauges", srv, timeout=10)
         # a scrape may make the maps before the worker's loop tries again and says so
         again = f"worker {respawned}: its statistics are published again"
         log = wait_logged(lambda: again in (log := srv.log()) and log, "the worker's loop to publish again", srv,

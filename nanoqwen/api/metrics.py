@@ -506,15 +506,25 @@ class ServerStats:
                 self._shared.publish(snapshot)
         return snapshot
 
+    def _asked(self, question: Callable[[SharedStats], bool], otherwise: bool) -> bool:
+        """The run directory's answer to `question`; `otherwise` without one, or where it cannot be read."""
+        if self._shared is None:
+            return otherwise
+        try:
+            return question(self._shared)
+        except OSError:
+            return otherwise
+
     def another_serves(self) -> bool:
         """Whether another worker of this server accepts connections with its model loaded
         (SharedStats.another_serves); False without a run directory, or where it cannot be read."""
-        if self._shared is None:
-            return False
-        try:
-            return self._shared.another_serves()
-        except OSError:
-            return False
+        return self._asked(SharedStats.another_serves, False)
+
+    def may_restart(self) -> bool:
+        """Whether this worker may restart at --max-requests now: another worker serves and no other's restart is
+        under way (SharedStats.take_restart_turn). True without a run directory, or where it cannot be read: it
+        restarts as a lone worker does."""
+        return self._asked(lambda shared: shared.another_serves() and shared.take_restart_turn(), True)
 
     def report(self) -> dict[str, Any]:
         """`/stats`: the server's totals and a per-worker list: this worker's figures live, the others' as they last

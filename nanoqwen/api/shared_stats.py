@@ -3,11 +3,14 @@
 The master makes a fresh run directory per server (nanoqwen.gunicorn_conf) before anything imports
 prometheus_client: its `metrics/` subdirectory is prometheus-client's multiprocess directory (counters
 and histograms of every worker, dead ones' folded into one archive, summed at scrape time) and in `stats/` each live
-worker publishes its `/stats` snapshot as `<slot>.json`, replaced atomically. The master removes a
-dead worker's snapshot and live gauges (`child_exit`), so totals cover the live workers only.
+worker publishes its `/stats` snapshot as `<pid>.json`, replaced atomically (by pid, not slot: the master's removal of
+a dead worker's cannot take its successor's in that slot). The master removes a dead worker's snapshot and live gauges
+(`child_exit`), so totals cover the live workers only.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import json
 import os
@@ -69,7 +72,21 @@ def remove_run_dir() -> None:
         shutil.rmtree(os.environ[RUN_DIR_ENV], ignore_errors=True)
 
 
-def forget_worker(slot: int, pid: int, log_failure: Callable[..., None]) -> None:
+def snapshot_path(run_dir: Path, pid: int) -> Path:
+    return run_dir / "stats" / f"{pid}.json"
+
+
+def forgotten(pid: int) -> bool:
+    """Whether worker `pid` has exited and the master has forgotten it (forget_worker: its live gauges, then its
+    snapshot, gone). Its exit alone is not enough: the master reaps it (till then a zombie, signalled as if alive),
+    then forgets it, folds in between. Another user's process with that pid by now: taken for gone."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, 0)
+        return False
+    return not snapshot_path(Path(os.environ[RUN_DIR_ENV]), pid).exists()
+
+
+def forget_worker(pid: int, log_failure: Callable[..., None]) -> None:
     """In the master, once a worker has exited: its live gauges and snapshot go, its counters and histograms are
     folded into the archives (nanoqwen.api.metric_archive). Each step is tried whatever the others did; one that fails
     (a full disk, a damaged map) is logged with `log_failure` (a logger's `exception`: with its traceback)."""
@@ -80,7 +97,7 @@ def forget_worker(slot: int, pid: int, log_failure: Callable[..., None]) -> None
     steps: dict[str, Callable[[], object]] = {
         "the removal of its live gauges' maps (mark_process_dead)": lambda: multiprocess.mark_process_dead(pid),
         "the removal of its /stats snapshot":
-            lambda: Path(os.environ[RUN_DIR_ENV], "stats", f"{slot}.json").unlink(missing_ok=True),
+            lambda: snapshot_path(Path(os.environ[RUN_DIR_ENV]), pid).unlink(missing_ok=True),
     }
     for kind in metric_archive.FOLDED:  # each its own step: one kind's failure leaves the other's fold whole
         steps[f"the fold of its {kind} map"] = functools.partial(
@@ -128,7 +145,9 @@ class SharedStats:
     def __init__(self, run_dir: Path) -> None:
         from nanoqwen.api.offload import NativePool  # here: the master imports this module, and must not import torch
 
+        self._run_dir = run_dir
         self._dir = run_dir / "stats"
+        self._restart_turn: int | None = None  # the restart lock's file, held till exit (take_restart_turn)
         # the snapshot's write and rename, off the event loop: on a disk they waited up to 230 ms behind another
         # writer's I/O (profiles/RESULTS.md, lane stall27)
         self._writer = NativePool(1, max_pending=2, jobs="stats snapshots are already being written")
@@ -154,8 +173,8 @@ class SharedStats:
             return
 
     def _write(self, text: str) -> None:
-        path = self._dir / f"{self.slot}.json"
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        path = snapshot_path(self._run_dir, os.getpid())
+        tmp = path.with_suffix(".tmp")
         try:
             tmp.write_text(text)
             os.replace(tmp, path)  # readers see the old snapshot or the new one, never half of one
@@ -164,7 +183,7 @@ class SharedStats:
             raise
 
     def _others(self) -> Iterator[Path]:
-        return (path for path in self._dir.iterdir() if path.suffix == ".json" and int(path.stem) != self.slot)
+        return (path for path in self._dir.iterdir() if path.suffix == ".json" and int(path.stem) != os.getpid())
 
     def others(self) -> list[dict[str, Any]]:
         """The other workers' snapshots (this worker's own figures are live in its memory). Raises OSError where the
@@ -189,3 +208,19 @@ class SharedStats:
             except FileNotFoundError:
                 continue
         return False
+
+    def take_restart_turn(self) -> bool:
+        """Whether this worker may restart at --max-requests now that another one serves: no other worker's restart is
+        under way. The turn is a lock on the run directory's `restart.lock`, held until this process exits (the
+        kernel releases it): two workers that reached their limits at once each saw the other serve, and both
+        restarted. Raises OSError where the lock's file cannot be opened."""
+        if self._restart_turn is not None:
+            return True
+        fd = os.open(self._run_dir / "restart.lock", os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self._restart_turn = fd
+        return True
