@@ -199,6 +199,26 @@ def test_every_kernel_library_shares_one_pool():
     assert int(child.stdout.split()[-1]) == 2
 
 
+# The end of a script that defines `calls` (a name: a call at a number of rows): each called in a forked child (which
+# has no pool helper: pool.c's atfork) at batch 1, then at batch 8; prints, per name, the threads each call left
+# running: the pool's helper, started by a job of 2+ chunks.
+STARTED_BY_CALLS = textwrap.dedent("""
+    for name, call in calls.items():
+        read, write = os.pipe()
+        if os.fork() == 0:
+            started = []
+            for rows in (1, 8):
+                before = len(os.listdir("/proc/self/task"))
+                call(rows)
+                started.append(len(os.listdir("/proc/self/task")) - before)
+            os.write(write, repr(started).encode())
+            os._exit(0)
+        os.close(write)
+        print(name, os.read(read, 100).decode())
+        os.wait()
+""")
+
+
 # A decode step's small kernels at 2 threads, each in a forked child (which has no pool helper: pool.c's atfork) called
 # at batch 1, then at batch 8, by ctypes on inputs made before the fork (no torch op, whose OpenMP threads would count
 # too); prints, per kernel, the threads each call left running: the pool's helper, started by a job of 2+ chunks.
@@ -227,20 +247,7 @@ SMALL_KERNELS = textwrap.dedent("""
         "bf16_to_fp32": lambda n: pointwise.KERNEL.lib.bf16_to_fp32(p(logits16), p(logits), n * VOCAB),
         "argmax_rows": lambda n: sample.KERNEL.lib.argmax_rows(p(logits), p(tokens), n, VOCAB),
     }
-    for name, call in calls.items():
-        read, write = os.pipe()
-        if os.fork() == 0:
-            started = []
-            for rows in (1, 8):
-                before = len(os.listdir("/proc/self/task"))
-                call(rows)
-                started.append(len(os.listdir("/proc/self/task")) - before)
-            os.write(write, repr(started).encode())
-            os._exit(0)
-        os.close(write)
-        print(name, os.read(read, 100).decode())
-        os.wait()
-""")
+""") + STARTED_BY_CALLS
 
 
 def test_a_decode_steps_small_kernels_go_to_the_pool_at_batch_8_not_at_batch_1():
@@ -279,20 +286,7 @@ STAGED_ROWS = textwrap.dedent("""
                                                                1, linear_int4.PIECES[torch.bfloat16]),
         "linear_int8": lambda m: libs[linear_int8].linear_int8(p(x), p(w8), p(scale8), p(y), m, N, K, 1),
     }
-    for name, call in calls.items():
-        read, write = os.pipe()
-        if os.fork() == 0:
-            started = []
-            for rows in (1, 8):
-                before = len(os.listdir("/proc/self/task"))
-                call(rows)
-                started.append(len(os.listdir("/proc/self/task")) - before)
-            os.write(write, repr(started).encode())
-            os._exit(0)
-        os.close(write)
-        print(name, os.read(read, 100).decode())
-        os.wait()
-""")
+""") + STARTED_BY_CALLS
 
 
 def test_a_batch_of_rows_is_staged_on_the_pool_one_row_by_the_caller():

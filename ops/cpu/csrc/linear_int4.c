@@ -704,7 +704,7 @@ struct madd_stage {
 };
 
 struct linear_int4_madd_args {
-    const int8_t *q8;    /* bf16 rows: [chunks][M][256], each chunk's int8 blocks in the weights' order (act_block8.h) */
+    const int8_t *q8;    /* bf16 rows: [chunks][M][256] int8 blocks, each chunk's in the weights' order (act_block8.h) */
     const int16_t *q16;  /* fp32 rows: [chunks][M * P][256], each chunk's pieces in the widened weights' order
                             (il_arrange16), piece p of row m at m * P + p */
     const float *lanes;  /* bf16 rows: [M][chunks][8], lane L the scale of the chunk's block L % 4 (0 past K) */

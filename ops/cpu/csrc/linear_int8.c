@@ -514,8 +514,9 @@ void linear_int8(const void *x, const int8_t *w, const void *scale, void *y, int
         if (M == 1) act16_quant_rows(x, bf16, 1, K, P16, K, q, qscale, wild);  /* nothing to share: no staging chunk */
         /* whole spread passes in every chunk but the last (more rows take one weight row a pass: any chunk serves) */
         const long spread = (rows + SPREAD_ROWS - 1) / SPREAD_ROWS * SPREAD_ROWS;
-        const struct linear_int8_madd_args job = {{0, (const int8_t *)q, qscale, 0, w, scale, y, M, N, K, P16, bf16, spread, 0},
-                                                  pool_rows_cut(N, spread, SPREAD_ROWS), M > 1 ? &stage : NULL};
+        const struct linear_int8_madd_args job = {
+            {0, (const int8_t *)q, qscale, 0, w, scale, y, M, N, K, P16, bf16, spread, 0},
+            pool_rows_cut(N, spread, SPREAD_ROWS), M > 1 ? &stage : NULL};
         nanoqwen_pool_run(linear_int8_madd, &job, (job.stage ? M : 0) + pool_rows_chunks(&job.split));
         linear_int8_redo_out_of_range(x, w, scale, y, M, N, K, bf16, wild);
         return;
