@@ -17,6 +17,7 @@ from cpu_isas import LOOPS, capped
 from ops.cpu import attention as cpu_attention
 from ops.cpu import build as cpu_build
 from ops.cpu import linear as cpu_linear
+from ops.cpu import linear_int4 as cpu_int4
 from ops.cpu import linear_int8 as cpu_int8
 from ops.torch_ref.decode_attention import decode_attention_torch
 from ops.torch_ref.linear_int8 import linear_int8_torch
@@ -95,6 +96,38 @@ def test_results_do_not_depend_on_the_thread_count():
     assert torch.equal(alone[1], call(cpu_int8.KERNEL.lib, x, wq, s))
 
 
+@pytest.mark.parametrize("m", [1, 2, 8, 9])
+@pytest.mark.parametrize("n,k,g", [(4096, 1024, 64), (777, 3072, 128)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_avx2_quantised_linears_staged_and_cut_give_the_one_thread_bits(m, n, k, g, dtype):
+    """The AVX2 int8 and int4 linears at 2 threads, their rows staged by the job's first chunks on both threads and the
+    weight rows' last chunks cut smaller (pool.h), are the bits of one thread, where all runs in order on the caller;
+    a row past the pieces' range among them (flagged by its staging) too."""
+    x, _, wq, scale = operands(m, n, k, dtype)
+    x[m // 2, 3] = float("inf")
+    w4 = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8)  # any bytes are weights in some layout
+    scale4, offset4 = (torch.rand(n, k // g) / 50).to(dtype), (torch.randn(n, k // g) / 10).to(dtype)
+    int4 = capped(cpu_int4.KERNEL, "avx2").lib
+
+    def both() -> tuple[torch.Tensor, torch.Tensor]:
+        out = torch.empty(m, n, dtype=dtype)
+        int4.linear_int4(x.data_ptr(), w4.data_ptr(), scale4.data_ptr(), offset4.data_ptr(), out.data_ptr(), m, n, k,
+                         g, int(dtype == torch.bfloat16), cpu_int4.PIECES[dtype])
+        return call(capped(cpu_int8.KERNEL, "avx2").lib, x, wq, scale), out
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = both()
+        torch.set_num_threads(2)
+        pooled = both()
+    finally:
+        torch.set_num_threads(before)
+    bits = torch.int16 if dtype == torch.bfloat16 else torch.int32  # NaNs compared too
+    assert all(torch.equal(p.view(bits), a.view(bits)) for p, a in zip(pooled, alone))
+    assert pooled[0][m // 2].isinf().any() and pooled[1][m // 2].isinf().any()
+
+
 def _in_child(x, w, expected, done) -> None:
     done.put(torch.equal(call(cpu_linear.KERNEL.lib, x, w), expected))
 
@@ -166,6 +199,26 @@ def test_every_kernel_library_shares_one_pool():
     assert int(child.stdout.split()[-1]) == 2
 
 
+# The end of a script that defines `calls` (a name: a call at a number of rows): each called in a forked child (which
+# has no pool helper: pool.c's atfork) at batch 1, then at batch 8; prints, per name, the threads each call left
+# running: the pool's helper, started by a job of 2+ chunks.
+STARTED_BY_CALLS = textwrap.dedent("""
+    for name, call in calls.items():
+        read, write = os.pipe()
+        if os.fork() == 0:
+            started = []
+            for rows in (1, 8):
+                before = len(os.listdir("/proc/self/task"))
+                call(rows)
+                started.append(len(os.listdir("/proc/self/task")) - before)
+            os.write(write, repr(started).encode())
+            os._exit(0)
+        os.close(write)
+        print(name, os.read(read, 100).decode())
+        os.wait()
+""")
+
+
 # A decode step's small kernels at 2 threads, each in a forked child (which has no pool helper: pool.c's atfork) called
 # at batch 1, then at batch 8, by ctypes on inputs made before the fork (no torch op, whose OpenMP threads would count
 # too); prints, per kernel, the threads each call left running: the pool's helper, started by a job of 2+ chunks.
@@ -194,20 +247,7 @@ SMALL_KERNELS = textwrap.dedent("""
         "bf16_to_fp32": lambda n: pointwise.KERNEL.lib.bf16_to_fp32(p(logits16), p(logits), n * VOCAB),
         "argmax_rows": lambda n: sample.KERNEL.lib.argmax_rows(p(logits), p(tokens), n, VOCAB),
     }
-    for name, call in calls.items():
-        read, write = os.pipe()
-        if os.fork() == 0:
-            started = []
-            for rows in (1, 8):
-                before = len(os.listdir("/proc/self/task"))
-                call(rows)
-                started.append(len(os.listdir("/proc/self/task")) - before)
-            os.write(write, repr(started).encode())
-            os._exit(0)
-        os.close(write)
-        print(name, os.read(read, 100).decode())
-        os.wait()
-""")
+""") + STARTED_BY_CALLS
 
 
 def test_a_decode_steps_small_kernels_go_to_the_pool_at_batch_8_not_at_batch_1():
@@ -220,6 +260,90 @@ def test_a_decode_steps_small_kernels_go_to_the_pool_at_batch_8_not_at_batch_1()
     started = dict(line.split(" ", 1) for line in child.stdout.splitlines())
     assert started == {name: "[0, 1]" for name in
                        ("rms_norm", "qk_norm_rope_store", "silu_mul", "bf16_to_fp32", "argmax_rows")}, started
+
+
+# The AVX2 int8 and int4 linears (bf16 rows, K 1024, N 64: one chunk of weights) at 2 threads, each in a forked child
+# (no pool helper yet) called at batch 1, then at batch 8; prints, per kernel, the threads each call left running.
+STAGED_ROWS = textwrap.dedent("""
+    import os
+    import torch
+    from ops.cpu import build, linear_int4, linear_int8
+
+    torch.set_num_threads(2)
+    libs = {}
+    for module in (linear_int4, linear_int8):
+        kernel = build.CKernel(module.KERNEL.name, module.KERNEL.source.name, module.KERNEL.functions)
+        assert kernel.build(isa="avx2"), kernel.error
+        libs[module] = kernel.lib
+    K, N = 1024, 64
+    x, y = torch.randn(8, K).bfloat16(), torch.empty(8, N).bfloat16()
+    w4 = torch.randint(0, 256, (N, K // 2), dtype=torch.uint8)  # any bytes are weights in some layout
+    scale4, offset4 = (torch.rand(N, K // 64) / 50).bfloat16(), (torch.randn(N, K // 64) / 10).bfloat16()
+    w8, scale8 = torch.randint(-127, 128, (N, K), dtype=torch.int8), torch.rand(N).bfloat16()
+    p = torch.Tensor.data_ptr
+    calls = {
+        "linear_int4": lambda m: libs[linear_int4].linear_int4(p(x), p(w4), p(scale4), p(offset4), p(y), m, N, K, 64,
+                                                               1, linear_int4.PIECES[torch.bfloat16]),
+        "linear_int8": lambda m: libs[linear_int8].linear_int8(p(x), p(w8), p(scale8), p(y), m, N, K, 1),
+    }
+""") + STARTED_BY_CALLS
+
+
+def test_a_batch_of_rows_is_staged_on_the_pool_one_row_by_the_caller():
+    """The AVX2 int8 and int4 linears' activation rows are made integers (act_quant16.h, act_block8.h) by the job's
+    first chunks, a row each, on both threads (pool.h's pool_staged_wait), where the caller alone did it before the
+    job: at batch 8 even one chunk of weights is a job that starts the helper; batch 1's row is the caller's, its one
+    chunk run without a hand-off."""
+    child = subprocess.run([sys.executable, "-c", STAGED_ROWS], cwd=REPO_ROOT, capture_output=True, text=True,
+                           timeout=300)
+    assert child.returncode == 0, child.stderr[-3000:]
+    started = dict(line.split(" ", 1) for line in child.stdout.splitlines())
+    assert started == {"linear_int4": "[0, 1]", "linear_int8": "[0, 1]"}, started
+
+
+# pool.h's pool_rows_cut for a few linears' rows, chunks and units; prints each case's chunks as start-end pairs.
+ROWS_CUT = r"""
+#include <stdio.h>
+#include "pool.h"
+int main(void) {
+    const long cases[][3] = {{4096, 256, 4}, {1024, 88, 4}, {151936, 256, 4}, {6144, 256, 4}, {777, 128, 8},
+                             {300, 128, 8}, {64, 256, 4}, {3, 256, 4}, {0, 256, 4}};
+    for (unsigned i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        const struct pool_rows s = pool_rows_cut(cases[i][0], cases[i][1], cases[i][2]);
+        printf("%ld %ld %ld", cases[i][0], cases[i][1], cases[i][2]);
+        for (long c = 0; c < pool_rows_chunks(&s); c++)
+            printf(" %ld-%ld", pool_rows_start(&s, c), pool_rows_end(&s, c));
+        printf("\n");
+    }
+    return 0;
+}
+"""
+
+
+def test_a_linears_last_chunks_are_cut_smaller_and_every_row_is_in_one_chunk(tmp_path):
+    """pool.h's pool_rows_cut: the weight rows in chunks of `rows` (whole units), but the last two chunks' rows in
+    eight, so that two threads end a job within a quarter chunk of each other; the chunks cover the rows once, in
+    order; rows that fit one chunk stay one (the caller's, no hand-off)."""
+    source = tmp_path / "rows_cut.c"
+    source.write_text(ROWS_CUT)
+    binary = tmp_path / "rows_cut"
+    subprocess.run([cpu_build.compiler(), "-O1", f"-I{cpu_build.CSRC}", "-mavx2", str(source), "-o", str(binary)],
+                   check=True, timeout=120)
+    lines = subprocess.run([str(binary)], capture_output=True, text=True, check=True, timeout=60).stdout.splitlines()
+    assert len(lines) == 9
+    for line in lines:
+        n, rows, unit, *spans = line.split()
+        n, rows, unit = int(n), int(rows), int(unit)
+        chunks = [tuple(map(int, span.split("-"))) for span in spans]
+        whole = -(-n // rows)
+        if whole <= 1:
+            assert len(chunks) == whole and all(chunk == (0, n) for chunk in chunks), line
+            continue
+        assert [start for start, _ in chunks] == [0, *(end for _, end in chunks[:-1])] and chunks[-1][1] == n, line
+        assert all(start % unit == 0 and start < end for start, end in chunks), line
+        head, tail = chunks[:whole - 2], chunks[whole - 2:]
+        assert len(tail) > 2 and all(end - start == rows for start, end in head), line
+        assert all(end - start <= -(-rows // 4 // unit) * unit + unit for start, end in tail), line
 
 
 # A fresh process's first pooled call, 10 chunks of 30 ms (a Python callback through ctypes, the GIL let go while

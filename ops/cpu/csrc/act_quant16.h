@@ -11,16 +11,19 @@
 
    ACT16_PIECES(n) int16 pieces are as close as n int8 ones (act_quant.h): the callers' count, in one place.
 
-   act16_quant_rows(x, bf16, M, K, P, block, q, scale)
+   act16_quant_rows(x, bf16, M, K, P, block, q, scale, wild)
        x:     [M, K] bf16 (bf16 != 0) or fp32; K % 16 == 0.
        block: columns a block (K % block == 0, block % 16 == 0): K for piece rows of K, 64 for linear_int4's layout.
        q:     [K / block][M * P][block] int16, written: piece p of row m is row m * P + p of each block.
-       scale: [M * P] fp32, written. */
+       scale: [M * P] fp32, written.
+       wild:  [M], written: whether each row is past the pieces' range (act_quant.h's row_out_of_range), from the
+              pass that finds its largest |x|, not one of its own. */
 #ifndef NANOQWEN_ACT_QUANT16_H
 #define NANOQWEN_ACT_QUANT16_H
 
 #include <float.h>
 
+#include "act_quant.h"
 #include "simd.h"
 
 #define ACT16_MAX_PIECES 2
@@ -28,7 +31,7 @@
 #define ACT16_PIECE_RATIO 65534.0f  /* 2 * 32767: a residual of at most half the previous scale fills the range */
 
 static inline void act16_quant_rows(const void *x, int bf16, int M, int K, int P, int block, int16_t *q,
-                                    float *scale) {
+                                    float *scale, int *wild) {
     const long blocks = (long)M * P * block;  /* from one block's pieces to the next's */
     const __m256 sign = _mm256_set1_ps(-0.0f);
     const __m256i top = _mm256_set1_epi32(32767), bottom = _mm256_set1_epi32(-32767);
@@ -42,7 +45,10 @@ static inline void act16_quant_rows(const void *x, int bf16, int M, int K, int P
         }
         __m128 h = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
         h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-        float s = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h))) / 32767.0f;
+        const float most = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+        /* a NaN can hide a lane's largest |x| from amax (max_ps takes its second operand then): unordered holds it */
+        wild[m] = _mm256_movemask_ps(unordered) != 0 || most > PIECES_RANGE;
+        float s = most / 32767.0f;
         const int finite = _mm256_movemask_ps(unordered) == 0 && s <= FLT_MAX;
         __m256 scales[ACT16_MAX_PIECES], inverses[ACT16_MAX_PIECES];
         for (int p = 0; p < P; p++, s /= ACT16_PIECE_RATIO) {

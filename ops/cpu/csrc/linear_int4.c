@@ -122,7 +122,7 @@ static void block_row(const float *arranged, long len, const float *scale, int8_
                 _mm512_loadu_ps(inverses));
         for (long i = t * SPAN; i < (t + 1) * SPAN; i += 16) {
             const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_load_ps(arranged + i), inverse[i / 16 % 4]));
-            /* the clamp only catches a NaN row's values, as act8_block_rows's */
+            /* the clamp only catches a NaN row's values, as act8_block_row's */
             _mm_store_si128((__m128i *)(q + i), _mm512_cvtepi32_epi8(_mm512_max_epi32(_mm512_min_epi32(v, top),
                                                                                        bottom)));
         }
@@ -622,18 +622,19 @@ AMX_INT8_END
 /* linear_int4 where the CPU has AVX-512 VNNI: 1 and 2 rows, and every row count without AMX-INT8, vpdpbusd
    (linear_int4_rows), bf16 rows as int8 blocks (act_block8.h: the AVX2 loops' rounding; one vpdpbusd a weight and
    row where two pieces took two), fp32 rows as `pieces` int8 pieces (act_quant.h); more rows AMX (linear_int4_amx),
-   every row as `pieces` pieces (the last N % 16 weight rows too, in the loop). 0: no scratch, nothing done. */
-static int linear_int4_vnni(const void *x, const uint8_t *w, const void *scale, const void *offset, void *y, int M,
-                            int N, int K, int G, int bf16, int pieces) {
+   every row as `pieces` pieces (the last N % 16 weight rows too, in the loop). Each row's out-of-range flag ([M], the
+   caller's scratch); NULL: no scratch, nothing done. */
+static const int *linear_int4_vnni(const void *x, const uint8_t *w, const void *scale, const void *offset, void *y,
+                                   int M, int N, int K, int G, int bf16, int pieces) {
     const long len = (K + SPAN - 1) / SPAN * SPAN, lanes = len / 64;
     const int amx = M >= AMX_INT8_MIN_ROWS && amx_int8_ready();
     const int vnni = !amx || N % AMX_ROWS;  /* linear_int4_amx leaves the last N % 16 weight rows to the VNNI loop */
     const int blocks = bf16 && !amx, P = blocks ? 1 : pieces;
     /* arranged pieces, pieces and their quads, block sums, the pieces' scales, the blocks' groups, fp32 rows,
-       group sums, the pieces' scales by block */
+       group sums, the pieces' scales by block, the rows' out-of-range flags */
     const size_t sizes[] = {(size_t)M * P * len, (size_t)M * P * K * 2, (size_t)M * lanes * 4, (size_t)M * P * 4,
                             (size_t)lanes * 4, (size_t)M * (K + len) * 4, (size_t)(K / G) * 16 * 4,
-                            (size_t)M * P * lanes * 4};
+                            (size_t)M * P * lanes * 4, (size_t)M * sizeof(int)};
     enum { PARTS = sizeof sizes / sizeof sizes[0] };
     char *part[PARTS];
     if (!thread_scratch_parts(sizes, PARTS, part)) return 0;
@@ -673,7 +674,9 @@ static int linear_int4_vnni(const void *x, const uint8_t *w, const void *scale, 
     } else {
         nanoqwen_pool_run(linear_int4_chunk, &a, (N + a.rows - 1) / a.rows);
     }
-    return 1;
+    int *wild = (int *)part[8];
+    for (int m = 0; m < M; m++) wild[m] = row_out_of_range(x, m, K, bf16);
+    return wild;
 }
 
 #pragma GCC pop_options
@@ -690,8 +693,18 @@ static int linear_int4_vnni(const void *x, const uint8_t *w, const void *scale, 
 /* How far ahead the weights are prefetched: the same chunk of the row this many rows on (in quads, the same offset) */
 #define IL_AHEAD_ROWS 8
 
+/* What a staging chunk of linear_int4_madd's job writes (act8_block_row): the int8 blocks, their scales, the group
+   sums and whether a row is out of range, and how many rows are done. */
+struct madd_stage {
+    const void *x;
+    int8_t *q;
+    float *lanes, *xsum;
+    int *wild;
+    long *done;
+};
+
 struct linear_int4_madd_args {
-    const int8_t *q8;    /* bf16 rows: [chunks][M][256], each chunk's int8 blocks in the weights' order (act8_block_rows) */
+    const int8_t *q8;    /* bf16 rows: [chunks][M][256] int8 blocks, each chunk's in the weights' order (act_block8.h) */
     const int16_t *q16;  /* fp32 rows: [chunks][M * P][256], each chunk's pieces in the widened weights' order
                             (il_arrange16), piece p of row m at m * P + p */
     const float *lanes;  /* bf16 rows: [M][chunks][8], lane L the scale of the chunk's block L % 4 (0 past K) */
@@ -701,9 +714,10 @@ struct linear_int4_madd_args {
     const void *scale, *offset;
     void *y;
     int M, N, K, G, P, bf16;
-    long rows;       /* per chunk */
+    struct pool_rows split;  /* the weight rows' chunks, after the staging ones */
     long quad_rows;  /* rows stored in quads (int4_block.h) */
     int groups;      /* K / G, not divided in the loops */
+    const struct madd_stage *stage;  /* 2+ bf16 rows: the job's first M chunks stage them, a row each; else NULL */
 };
 
 /* Column of a chunk at byte p (0..31) of its vector V (0..7): lane p / 4 of vector V / 2's 32 bytes holds columns of
@@ -1114,10 +1128,20 @@ IL_QUAD(1, 1, 1) IL_QUAD(2, 1, 1) IL_QUAD(1, 2, 0) IL_QUAD(1, 1, 0) IL_QUAD(2, 1
 static void linear_int4_madd_chunk(const void *ctx, long chunk) {
     const struct linear_int4_madd_args *a = ctx;
     const int M = a->M, P = a->P, int8 = a->bf16, per = IL_ROW_PIECES / P;
-    const long end = pool_chunk_end(chunk, a->rows, a->N);
+    if (a->stage) {
+        const struct madd_stage *t = a->stage;
+        if (chunk < M) {
+            t->wild[chunk] = act8_block_row(t->x, 1, (int)chunk, M, a->K, a->G, t->q, t->lanes, t->xsum);
+            pool_staged_done(t->done);
+            return;
+        }
+        pool_staged_wait(t->done, M);
+        chunk -= M;
+    }
+    const long end = pool_rows_end(&a->split, chunk);
     for (int m0 = 0; m0 < M; m0 += per) {
         const int rows = M - m0 < per ? M - m0 : per, W = IL_WEIGHT_ROWS(rows * P);
-        long n = chunk * a->rows;
+        long n = pool_rows_start(&a->split, chunk);
         if (rows * P > IL_QUAD_ROWS) {
 #define CASE(r, p, i) case (r) * 16 + (p) * 2 + (i): il_rows_##r##_##p##_##i(a, n, end, m0); break;
             switch (rows * 16 + P * 2 + int8) {
@@ -1171,40 +1195,47 @@ static void il_arrange16(const int16_t *q, int rows, int K, int16_t *out) {
         }
 }
 
-/* linear_int4 on AVX2: bf16 rows as int8 blocks (act_block8.h), fp32 rows as ACT16_PIECES(pieces) int16 pieces, one
-   of which holds what two int8 pieces do (act_quant16.h), so within the bound of `pieces` int8 ones for groups of up
-   to 256 columns (a chunk; GROUP_SIZE is 64): a longer group's chunks are added in fp32, which costs up to ~1.7e-6 of
-   the sum more (36,864 columns). 0: no scratch for them, nothing done. */
-static int linear_int4_madd(const void *x, const uint8_t *w, const void *scale, const void *offset, void *y, int M,
-                            int N, int K, int G, int bf16, int pieces) {
+/* linear_int4 on AVX2: bf16 rows as int8 blocks (act_block8.h), 2 or more staged by the job's first M chunks, a row
+   each, on both threads (one by the caller before it: nothing to share, and a one-chunk job stays the caller's); fp32
+   rows as ACT16_PIECES(pieces) int16 pieces, one of which holds what two int8 pieces do (act_quant16.h), so within
+   the bound of `pieces` int8 ones for groups of up to 256 columns (a chunk; GROUP_SIZE is 64): a longer group's chunks
+   are added in fp32, which costs up to ~1.7e-6 of the sum more (36,864 columns). Each row's out-of-range flag ([M],
+   the caller's scratch); NULL: no scratch for them, nothing done. */
+static const int *linear_int4_madd(const void *x, const uint8_t *w, const void *scale, const void *offset, void *y,
+                                   int M, int N, int K, int G, int bf16, int pieces) {
     const int P = bf16 ? 1 : ACT16_PIECES(pieces), groups = K / G;
     const long chunks = (K + 255) / 256;
-    /* the pieces' scales, group sums, the chunks' block lanes (bf16), the pieces arranged, fp32's in column order */
+    /* the pieces' scales, group sums, the chunks' block lanes (bf16), the pieces arranged, fp32's in column order,
+       the rows' out-of-range flags */
     const size_t sizes[] = {(size_t)M * P * 4, (size_t)M * groups * 4, (size_t)M * chunks * 32,
-                            (size_t)M * P * chunks * (bf16 ? 256 : 512), bf16 ? 0 : (size_t)M * P * K * 2};
+                            (size_t)M * P * chunks * (bf16 ? 256 : 512), bf16 ? 0 : (size_t)M * P * K * 2,
+                            (size_t)M * sizeof(int)};
     enum { PARTS = sizeof sizes / sizeof sizes[0] };
     char *part[PARTS];
     if (!thread_scratch_parts(sizes, PARTS, part)) return 0;
     float *a = (float *)part[0], *xsum = (float *)part[1], *lanes = (float *)part[2];
+    int *wild = (int *)part[5];
+    long done = 0;
+    const struct madd_stage stage = {x, (int8_t *)part[3], lanes, xsum, wild, &done};
     if (bf16) {
-        act8_block_rows(x, 1, M, K, (int8_t *)part[3], lanes);
         for (int m = 0; m < M; m++) a[m] = 1.0f;
+        if (M == 1) wild[0] = act8_block_row(x, 1, 0, 1, K, G, stage.q, lanes, xsum);
     } else {
-        act16_quant_rows(x, 0, M, K, P, 64, (int16_t *)part[4], a);
+        act16_quant_rows(x, 0, M, K, P, 64, (int16_t *)part[4], a, wild);
         il_arrange16((const int16_t *)part[4], M * P, K, (int16_t *)part[3]);
+        for (int m = 0; m < M; m++)
+            for (int g = 0; g < groups; g++) {
+                __m256 v = _mm256_setzero_ps();
+                for (int k = g * G; k < (g + 1) * G; k += 8) v = _mm256_add_ps(v, load8(x, (long)m * K + k, 0));
+                xsum[m * groups + g] = hsum(v);
+            }
     }
-    for (int m = 0; m < M; m++)
-        for (int g = 0; g < groups; g++) {
-            __m256 v = _mm256_setzero_ps();
-            for (int k = g * G; k < (g + 1) * G; k += 8) v = _mm256_add_ps(v, load8(x, (long)m * K + k, bf16));
-            xsum[m * groups + g] = hsum(v);
-        }
     const long pass = IL_WEIGHT_ROWS(1), rows = (pool_rows_per_chunk(K / 2) + pass - 1) / pass * pass;  /* whole passes */
     const struct linear_int4_madd_args args = {(const int8_t *)part[3], (const int16_t *)part[3], lanes, a, xsum, w,
-                                               scale, offset, y, M, N, K, G, P, bf16, rows, int4_quad_rows(N),
-                                               groups};
-    nanoqwen_pool_run(linear_int4_madd_chunk, &args, (N + args.rows - 1) / args.rows);
-    return 1;
+                                               scale, offset, y, M, N, K, G, P, bf16, pool_rows_cut(N, rows, pass),
+                                               int4_quad_rows(N), groups, bf16 && M > 1 ? &stage : NULL};
+    nanoqwen_pool_run(linear_int4_madd_chunk, &args, (args.stage ? M : 0) + pool_rows_chunks(&args.split));
+    return wild;
 }
 
 /* Without scratch for the pieces (out of memory): y[m, n] as the reference computes it, each 64-column block of the
@@ -1259,13 +1290,14 @@ void linear_int4(const void *x, const uint8_t *w, const void *scale, const void 
                         M - m < most ? M - m : most, N, K, G, bf16, pieces);
         return;
     }
-    if (!(int4_interleaved() ? linear_int4_madd(x, w, scale, offset, y, M, N, K, G, bf16, pieces)
-                             : linear_int4_vnni(x, w, scale, offset, y, M, N, K, G, bf16, pieces))) {
+    const int *wild = int4_interleaved() ? linear_int4_madd(x, w, scale, offset, y, M, N, K, G, bf16, pieces)
+                                         : linear_int4_vnni(x, w, scale, offset, y, M, N, K, G, bf16, pieces);
+    if (!wild) {
         linear_int4_exact(x, w, scale, offset, y, M, N, K, G, bf16);
         return;
     }
     for (int m = 0; m < M; m++)
-        if (row_out_of_range(x, m, K, bf16))
+        if (wild[m])
             linear_int4_exact((const char *)x + m * K * size, w, scale, offset, (char *)y + m * N * size, 1, N, K, G,
                               bf16);
 }

@@ -144,12 +144,12 @@ INLINE void madd_rows(const struct linear_int8_args *a, long n, long end, int m0
     for (; n < end; n++) madd_pieces(a, n, 0, 1, m0, rows, P);
 }
 
-/* Chunk `chunk`'s weight rows [start, end) against one group of `max_pieces` / P activation rows at a time:
+/* Weight rows [start, end) against one group of `max_pieces` / P activation rows at a time:
    SPAN(a, start, end, m0, rows, P) with rows and P constants, so that the accumulators stay in registers: 1-4 rows
    of `bf16_p` pieces (bf16 outputs), 1-2 of `f32_p` (the _Static_asserts above). */
-#define EACH_ROW_GROUP(ctx, chunk, max_pieces, bf16_p, f32_p, SPAN) do { \
+#define EACH_ROW_GROUP(ctx, start, end, max_pieces, bf16_p, f32_p, SPAN) do { \
         const struct linear_int8_args *a_ = (ctx); \
-        const long start_ = (chunk) * a_->rows, end_ = pool_chunk_end((chunk), a_->rows, a_->N); \
+        const long start_ = (start), end_ = (end); \
         const int per_ = (max_pieces) / a_->P; \
         for (int m0_ = 0; m0_ < a_->M; m0_ += per_) { \
             const int rows_ = a_->M - m0_ < per_ ? a_->M - m0_ : per_; \
@@ -164,9 +164,41 @@ INLINE void madd_rows(const struct linear_int8_args *a, long n, long end, int m0
         } \
     } while (0)
 
-/* One group of piece rows at a time over the chunk's weight rows (AVX2_MAX_PIECES). */
+/* What a staging chunk of linear_int8_madd's job writes (act16_quant_rows, a row): its pieces, their scales and
+   whether it is out of range; and how many rows are done. */
+struct int8_stage {
+    const void *x;
+    int16_t *q;
+    float *qscale;
+    int *wild;
+    long *done;
+};
+
+struct linear_int8_madd_args {
+    struct linear_int8_args a;
+    struct pool_rows split;  /* the weight rows' chunks, after the staging ones */
+    const struct int8_stage *stage;  /* 2+ rows: the job's first M chunks stage them, a row each; else NULL */
+};
+
+/* With a stage the job's first M chunks stage a row each (pool.h's pool_staged_wait); the rest one group of piece
+   rows at a time over their weight rows (AVX2_MAX_PIECES). */
 static void linear_int8_madd(const void *ctx, long chunk) {
-    EACH_ROW_GROUP(ctx, chunk, AVX2_MAX_PIECES, PIECES16_BF16, PIECES16_F32, madd_rows);
+    const struct linear_int8_madd_args *job = ctx;
+    const struct linear_int8_args *a = &job->a;
+    const struct int8_stage *t = job->stage;
+    if (t && chunk < a->M) {
+        const size_t row = (size_t)a->K * (a->bf16 ? 2 : 4);
+        act16_quant_rows((const char *)t->x + chunk * row, a->bf16, 1, a->K, a->P, a->K, t->q + chunk * a->P * a->K,
+                         t->qscale + chunk * a->P, t->wild + chunk);
+        pool_staged_done(t->done);
+        return;
+    }
+    if (t) {
+        pool_staged_wait(t->done, a->M);
+        chunk -= a->M;
+    }
+    EACH_ROW_GROUP(a, pool_rows_start(&job->split, chunk), pool_rows_end(&job->split, chunk), AVX2_MAX_PIECES,
+                   PIECES16_BF16, PIECES16_F32, madd_rows);
 }
 
 /* ---- AVX512-VNNI: activation pieces (act_quant.h) against the int8 weights, int32 sums ---- */
@@ -332,7 +364,9 @@ INLINE void dot_span(const struct linear_int8_args *a, long start, long end, int
 /* One group of VNNI_MAX_PIECES / P activation rows at a time over the chunk's weight rows: the group's pieces stay in
    L1 (8 bf16 rows' at K 3072, 48 KB, did not), the chunk's weights in L2 for the next group. */
 static void linear_int8_vnni(const void *ctx, long chunk) {
-    EACH_ROW_GROUP(ctx, chunk, VNNI_MAX_PIECES, PIECES_BF16, PIECES_F32, dot_span);
+    const struct linear_int8_args *a = ctx;
+    EACH_ROW_GROUP(ctx, chunk * a->rows, pool_chunk_end(chunk, a->rows, a->N), VNNI_MAX_PIECES, PIECES_BF16, PIECES_F32,
+                   dot_span);
 }
 
 #pragma GCC pop_options
@@ -435,12 +469,13 @@ static void linear_int8_widened(const void *x, const int8_t *w, const void *scal
 }
 
 /* The rows of x past the pieces' range, infinite or NaN again by the widening loops (act_quant.h's PIECES_RANGE):
-   their pieces' NaN scales made every output NaN where the reference has inf times each weight. */
+   their pieces' NaN scales made every output NaN where the reference has inf times each weight. wild: each row's flag
+   from its quantisation (act16_quant_rows), or NULL: each row scanned for it. */
 static void linear_int8_redo_out_of_range(const void *x, const int8_t *w, const void *scale, void *y, int M, int N,
-                                          int K, int bf16) {
+                                          int K, int bf16, const int *wild) {
     const size_t size = bf16 ? 2 : 4;
     for (int m = 0; m < M; m++)
-        if (row_out_of_range(x, m, K, bf16))
+        if (wild ? wild[m] : row_out_of_range(x, m, K, bf16))
             linear_int8_widened((const char *)x + m * K * size, w, scale, (char *)y + m * N * size, 1, N, K, bf16);
 }
 
@@ -465,19 +500,25 @@ void linear_int8(const void *x, const int8_t *w, const void *scale, void *y, int
             lane_offsets(q, (int)pieces, K, offsets);
             nanoqwen_pool_run(M == 1 ? linear_int8_vnni_row : linear_int8_vnni, &a, (N + rows - 1) / rows);
         }
-        linear_int8_redo_out_of_range(x, w, scale, y, M, N, K, bf16);
+        linear_int8_redo_out_of_range(x, w, scale, y, M, N, K, bf16, NULL);
         return;
     }
     const int P16 = bf16 ? PIECES16_BF16 : PIECES16_F32;
     const long pieces16 = (long)M * P16;
-    if (!has_avx512() && (qscale = thread_scratch(64 * ((pieces16 * 4 + 63) / 64) + 2 * pieces16 * K))) {
+    if (!has_avx512() &&
+        (qscale = thread_scratch(64 * ((pieces16 * 4 + 63) / 64) + 2 * pieces16 * K + M * sizeof(int)))) {
         int16_t *q = (int16_t *)((char *)qscale + 64 * ((pieces16 * 4 + 63) / 64));
-        act16_quant_rows(x, bf16, M, K, P16, K, q, qscale);
+        int *wild = (int *)(q + pieces16 * K);
+        long done = 0;
+        const struct int8_stage stage = {x, q, qscale, wild, &done};
+        if (M == 1) act16_quant_rows(x, bf16, 1, K, P16, K, q, qscale, wild);  /* nothing to share: no staging chunk */
         /* whole spread passes in every chunk but the last (more rows take one weight row a pass: any chunk serves) */
         const long spread = (rows + SPREAD_ROWS - 1) / SPREAD_ROWS * SPREAD_ROWS;
-        struct linear_int8_args a = {0, (const int8_t *)q, qscale, 0, w, scale, y, M, N, K, P16, bf16, spread, 0};
-        nanoqwen_pool_run(linear_int8_madd, &a, (N + spread - 1) / spread);
-        linear_int8_redo_out_of_range(x, w, scale, y, M, N, K, bf16);
+        const struct linear_int8_madd_args job = {
+            {0, (const int8_t *)q, qscale, 0, w, scale, y, M, N, K, P16, bf16, spread, 0},
+            pool_rows_cut(N, spread, SPREAD_ROWS), M > 1 ? &stage : NULL};
+        nanoqwen_pool_run(linear_int8_madd, &job, (job.stage ? M : 0) + pool_rows_chunks(&job.split));
+        linear_int8_redo_out_of_range(x, w, scale, y, M, N, K, bf16, wild);
         return;
     }
     linear_int8_widened(x, w, scale, y, M, N, K, bf16);

@@ -14,6 +14,9 @@
 #ifndef NANOQWEN_POOL_H
 #define NANOQWEN_POOL_H
 
+#include <immintrin.h>
+#include <sched.h>
+
 typedef void (*pool_fn)(const void *ctx, long chunk);
 
 void nanoqwen_pool_run(pool_fn fn, const void *ctx, long chunks);
@@ -47,5 +50,49 @@ static inline long pool_row_chunk(long rows, long row_values) {
 static inline long pool_chunk_end(long chunk, long rows, long n) {
     return (chunk + 1) * rows < n ? (chunk + 1) * rows : n;
 }
+
+/* A linear's weight rows in chunks of `rows` (whole `unit`s), but the rows of the last POOL_TAIL_CHUNKS such chunks in
+   POOL_TAIL_PARTS times as many: a thread that finds nothing left to claim waits for the other's last chunk (a claim
+   takes one chunk at the end, pool.c), which at 8 rows took ~1 ms of a ~35 ms int4 step with every chunk whole
+   (profiles/RESULTS.md, lane b8_43's b8_split). head: the whole chunks before the tail's, of `tail` rows each. */
+#define POOL_TAIL_CHUNKS 2
+#define POOL_TAIL_PARTS 4
+struct pool_rows {
+    long n, rows, head, tail;
+};
+
+static inline struct pool_rows pool_rows_cut(long n, long rows, long unit) {
+    const long chunks = (n + rows - 1) / rows, head = chunks > POOL_TAIL_CHUNKS ? chunks - POOL_TAIL_CHUNKS : 0;
+    const long parts = chunks > 1 ? POOL_TAIL_CHUNKS * POOL_TAIL_PARTS : 1;  /* one chunk: the caller's alone */
+    const long tail = (n - head * rows + parts - 1) / parts;
+    return (struct pool_rows){n, rows, head, tail > 0 ? (tail + unit - 1) / unit * unit : unit};
+}
+
+static inline long pool_rows_chunks(const struct pool_rows *s) {
+    return s->head + (s->n - s->head * s->rows + s->tail - 1) / s->tail;
+}
+
+/* The first row of chunk `chunk`, and the end (exclusive) of its rows. */
+static inline long pool_rows_start(const struct pool_rows *s, long chunk) {
+    return chunk <= s->head ? chunk * s->rows : s->head * s->rows + (chunk - s->head) * s->tail;
+}
+
+static inline long pool_rows_end(const struct pool_rows *s, long chunk) {
+    const long end = pool_rows_start(s, chunk + 1);
+    return end < s->n ? end : s->n;
+}
+
+/* A job whose first chunks stage what its others read (a linear's activation rows as integers, a row a chunk), so
+   that both threads stage them where the caller alone did before the job: a claim takes the next chunks in order
+   (pool.c), so a thread has run or holds every staging chunk before it takes a later one, which waits here until
+   `done` counts `staged` of them. A staging chunk ends with pool_staged_done. */
+static inline void pool_staged_wait(const long *done, long staged) {
+    for (unsigned spins = 1; __atomic_load_n(done, __ATOMIC_ACQUIRE) < staged; spins++) {
+        _mm_pause();
+        if (spins % 1024 == 0) sched_yield();  /* the thread staging may need this core */
+    }
+}
+
+static inline void pool_staged_done(long *done) { __atomic_fetch_add(done, 1, __ATOMIC_RELEASE); }
 
 #endif
