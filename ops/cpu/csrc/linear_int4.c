@@ -1128,15 +1128,11 @@ IL_QUAD(1, 1, 1) IL_QUAD(2, 1, 1) IL_QUAD(1, 2, 0) IL_QUAD(1, 1, 0) IL_QUAD(2, 1
 static void linear_int4_madd_chunk(const void *ctx, long chunk) {
     const struct linear_int4_madd_args *a = ctx;
     const int M = a->M, P = a->P, int8 = a->bf16, per = IL_ROW_PIECES / P;
-    if (a->stage) {
-        const struct madd_stage *t = a->stage;
-        if (chunk < M) {
-            t->wild[chunk] = act8_block_row(t->x, 1, (int)chunk, M, a->K, a->G, t->q, t->lanes, t->xsum);
-            pool_staged_done(t->done);
-            return;
-        }
-        pool_staged_wait(t->done, M);
-        chunk -= M;
+    const struct madd_stage *t = a->stage;
+    if (t && pool_staging(&chunk, M, t->done)) {
+        t->wild[chunk] = act8_block_row(t->x, 1, (int)chunk, M, a->K, a->G, t->q, t->lanes, t->xsum);
+        pool_staged_done(t->done);
+        return;
     }
     const long end = pool_rows_end(&a->split, chunk);
     for (int m0 = 0; m0 < M; m0 += per) {
@@ -1296,7 +1292,7 @@ void linear_int4(const void *x, const uint8_t *w, const void *scale, const void 
         linear_int4_exact(x, w, scale, offset, y, M, N, K, G, bf16);
         return;
     }
-    for (int m = 0; m < M; m++)
+    for (int m = 0; m < M; m++)  /* wild lies in this thread's scratch, which linear_int4_exact leaves alone */
         if (wild[m])
             linear_int4_exact((const char *)x + m * K * size, w, scale, offset, (char *)y + m * N * size, 1, N, K, G,
                               bf16);

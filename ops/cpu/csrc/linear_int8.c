@@ -180,22 +180,18 @@ struct linear_int8_madd_args {
     const struct int8_stage *stage;  /* 2+ rows: the job's first M chunks stage them, a row each; else NULL */
 };
 
-/* With a stage the job's first M chunks stage a row each (pool.h's pool_staged_wait); the rest one group of piece
+/* With a stage the job's first M chunks stage a row each (pool.h's pool_staging); the rest one group of piece
    rows at a time over their weight rows (AVX2_MAX_PIECES). */
 static void linear_int8_madd(const void *ctx, long chunk) {
     const struct linear_int8_madd_args *job = ctx;
     const struct linear_int8_args *a = &job->a;
     const struct int8_stage *t = job->stage;
-    if (t && chunk < a->M) {
+    if (t && pool_staging(&chunk, a->M, t->done)) {
         const size_t row = (size_t)a->K * (a->bf16 ? 2 : 4);
         act16_quant_rows((const char *)t->x + chunk * row, a->bf16, 1, a->K, a->P, a->K, t->q + chunk * a->P * a->K,
                          t->qscale + chunk * a->P, t->wild + chunk);
         pool_staged_done(t->done);
         return;
-    }
-    if (t) {
-        pool_staged_wait(t->done, a->M);
-        chunk -= a->M;
     }
     EACH_ROW_GROUP(a, pool_rows_start(&job->split, chunk), pool_rows_end(&job->split, chunk), AVX2_MAX_PIECES,
                    PIECES16_BF16, PIECES16_F32, madd_rows);
@@ -471,6 +467,8 @@ static void linear_int8_widened(const void *x, const int8_t *w, const void *scal
 /* The rows of x past the pieces' range, infinite or NaN again by the widening loops (act_quant.h's PIECES_RANGE):
    their pieces' NaN scales made every output NaN where the reference has inf times each weight. wild: each row's flag
    from its quantisation (act16_quant_rows), or NULL: each row scanned for it. */
+/* `wild` (NULL: each row scanned) lies in the caller's thread scratch, which linear_int8_widened's may move: read
+   before its one call at M = 1; at M >= 2 the scratch already holds 4 * M * K bytes, more than it asks (4 * K). */
 static void linear_int8_redo_out_of_range(const void *x, const int8_t *w, const void *scale, void *y, int M, int N,
                                           int K, int bf16, const int *wild) {
     const size_t size = bf16 ? 2 : 4;

@@ -95,4 +95,13 @@ static inline void pool_staged_wait(const long *done, long staged) {
 
 static inline void pool_staged_done(long *done) { __atomic_fetch_add(done, 1, __ATOMIC_RELEASE); }
 
+/* Whether the job's `*chunk` is one of its `staged` first ones, which stages a row and ends with pool_staged_done; if
+   not, once they are all done, *chunk becomes its index among the others. */
+static inline int pool_staging(long *chunk, long staged, const long *done) {
+    if (*chunk < staged) return 1;
+    pool_staged_wait(done, staged);
+    *chunk -= staged;
+    return 0;
+}
+
 #endif
