@@ -134,7 +134,8 @@ def test_grammars_charged_what_they_hold_and_kept_within_the_budget(tiny_checkpo
 @pytest.mark.skipif(heap_used() is None, reason="malloc's count (glibc's mallinfo2) is what the cache measures")
 def test_served_worker_keeps_its_grammars_within_the_budget(tiny_checkpoint: Path, tmp_path: Path) -> None:
     """Through gunicorn and the openai client: distinct regexes of ~11 MB each, 4 of them past the 24 MiB set; the
-    worker's /stats reports the cache's bytes within it (profiles/grammar_cache_flood.py watches its RSS)."""
+    worker's /stats reports the cache's bytes within it (profiles/grammar_cache_flood.py watches its RSS), a grammar's
+    wear included."""
     env = cpu_env(tiny_checkpoint, NANOQWEN_GRAMMAR_CACHE_MEMORY=str(BUDGET))
     with GunicornServer(env, tmp_path / "gunicorn.log") as srv:
         client = srv.openai_client()
@@ -145,9 +146,14 @@ def test_served_worker_keeps_its_grammars_within_the_budget(tiny_checkpoint: Pat
 
         constrained("a+")
         worker = server_stats(srv)["workers"][0]
+        assert worker["grammar_cache_bytes"] < 1 << 20
+        # an answer's tokens wear its grammar's lexer (WEAR_BYTES each, all but the last fed to its matcher)
+        client.completions.create(model=MODEL, prompt="hi", max_tokens=61,
+                                  extra_body={"structured_outputs": {"regex": "[ab]{2000}"}})
+        worn = server_stats(srv)["grammar_cache_bytes"] - worker["grammar_cache_bytes"]
+        assert 60 * WEAR_BYTES <= worn < 60 * WEAR_BYTES + (1 << 20)
         for i in range(4):
             constrained(big_regex(i))
         stats = server_stats(srv)
-        assert stats["grammars_cached"] == 2  # "a+" and the first two went
+        assert stats["grammars_cached"] == 2  # "a+", the worn one and the first two went
         assert BIG * 2 < stats["grammar_cache_bytes"] <= BUDGET
-        assert worker["grammar_cache_bytes"] < 1 << 20
