@@ -289,7 +289,7 @@ class Grammar:
     # cache compiles the text afresh for the next request (Grammars.cached)
     spoiled: bool = False
     compiled: int = 0  # the bytes its compile and first mask took, as the cache charges them (grammar_cache.charged)
-    wear: int = 0  # the tokens its copies consumed (RowGrammar.sync, on the engine thread)
+    wear: int = 0  # the tokens its copies consumed (RowGrammar.sync: one job at a time, the step's masks')
 
     @property
     def size(self) -> int:

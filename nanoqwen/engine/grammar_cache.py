@@ -108,7 +108,7 @@ class GrammarCache(Generic[K, G]):
         keys dropped until both bounds hold, or until one is left (the most recently used); what went, as put's."""
         for grammar in self.entries.values():
             keys, counted = self._held[id(grammar)]
-            size = grammar.size  # read once: the engine thread's requests grow it meanwhile
+            size = grammar.size  # read once: the steps' masks grow it meanwhile
             self._held[id(grammar)] = keys, size
             self.bytes += size - counted
         gone: list[G | None] = []
