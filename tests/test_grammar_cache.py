@@ -12,7 +12,7 @@ from transformers import PreTrainedTokenizerFast
 from chat_http import MODEL, cpu_env, server_stats
 from checkpoints import EOS_IDS, VOCAB_SIZE
 from nanoqwen.engine import grammar as grammar_module
-from nanoqwen.engine.grammar import Grammars
+from nanoqwen.engine.grammar import LEXER_BYTES, WEAR_BYTES, Grammars, RowGrammar
 from nanoqwen.engine.grammar_cache import GrammarCache, heap_used
 from nanoqwen.loader import load_tokenizer
 from nanoqwen.text import TokenBytes
@@ -28,7 +28,7 @@ def big_regex(i: int) -> str:
 
 @dataclass
 class Sized:
-    size: int
+    size: int  # grows as a grammar's requests wear it
 
 
 def test_cache_drops_the_oldest_past_its_bytes_and_counts_a_shared_grammar_once() -> None:
@@ -48,6 +48,43 @@ def test_cache_drops_the_oldest_past_its_bytes_and_counts_a_shared_grammar_once(
     assert cache.put("a", a) == [huge]  # what went, for the caller to let go of after its lock
     assert list(cache.entries) == ["a"] and cache.bytes == 10
     assert cache.released == 10 + 10 + 10 + 100 and cache.grammars == 1  # b once (both its keys gone), a, c, huge
+
+
+def test_cache_weighs_its_grammars_anew_as_they_grow() -> None:
+    """A grammar's size grows after it is kept (its requests wear its lexer): each lookup and keep counts it anew, drops
+    the oldest past the budget, and a grammar let go of takes with it the bytes it was counted for."""
+    cache: GrammarCache[str, Sized] = GrammarCache(max_entries=8, max_bytes=100)
+    a, b = Sized(10), Sized(10)
+    cache.put("a", a)
+    cache.put("b", b)
+    cache.put("b again", b)
+    b.size = 50
+    assert cache.reweigh() == [] and cache.bytes == 60
+    a.size = 60
+    assert cache.reweigh(drop=False) == [] and cache.bytes == 110  # /stats' weighing: it drops none
+    assert cache.reweigh() == [a] and cache.bytes == 50 and cache.released == 60
+    b.size = 70
+    assert cache.put("c", Sized(40)) == [b, b] and cache.bytes == 40  # both its keys and cache.released == 60 + 70
+
+
+def test_a_grammar_s_wear_is_charged_and_drops_it(tiny_checkpoint: Path) -> None:
+    """The tokens its requests' matchers consumed are charged WEAR_BYTES each (what its shared lexer may have grown,
+    measured: profiles/lexer_wear.py), up to LEXER_BYTES, seen by /stats' weighing and by the next lookup's eviction."""
+    tokenizer: PreTrainedTokenizerFast = load_tokenizer(tiny_checkpoint)
+    grammars = Grammars(tokenizer, TokenBytes(tokenizer), VOCAB_SIZE, EOS_IDS, cache_bytes=1 << 20)
+    worn = grammars.from_text("regex", "[ab]*a[ab]{20}", "structured_outputs.regex")
+    other = grammars.from_text("regex", "c+", "structured_outputs.regex")
+    compiled = worn.size + other.size
+    assert grammars.cache_stats() == (2, compiled)
+    row = RowGrammar.of(worn, None, EOS_IDS)
+    a = tokenizer.convert_tokens_to_ids("a")
+    row.sync([7, a, a, a], num_prompt_tokens=1)  # the engine thread's step: the tokens sampled since the last
+    assert worn.wear == 3 and grammars.cache_stats() == (2, compiled + 3 * WEAR_BYTES)
+    row.sync([7, a, a, a] + [a] * 60, num_prompt_tokens=1)
+    assert grammars.cached(("regex", "c+")) is other  # its lookup weighed the worn one past the budget: it went
+    assert grammars.cache_stats() == (1, other.size)
+    worn.wear = 10**9
+    assert worn.size == worn.compiled + LEXER_BYTES  # no more than llguidance's max_lexer_states holds
 
 
 def test_a_compile_beside_an_eviction_is_charged_its_own_growth(tiny_checkpoint: Path,
@@ -97,7 +134,8 @@ def test_grammars_charged_what_they_hold_and_kept_within_the_budget(tiny_checkpo
 @pytest.mark.skipif(heap_used() is None, reason="malloc's count (glibc's mallinfo2) is what the cache measures")
 def test_served_worker_keeps_its_grammars_within_the_budget(tiny_checkpoint: Path, tmp_path: Path) -> None:
     """Through gunicorn and the openai client: distinct regexes of ~11 MB each, 4 of them past the 24 MiB set; the
-    worker's /stats reports the cache's bytes within it (profiles/grammar_cache_flood.py watches its RSS)."""
+    worker's /stats reports the cache's bytes within it (profiles/grammar_cache_flood.py watches its RSS), a grammar's
+    wear included."""
     env = cpu_env(tiny_checkpoint, NANOQWEN_GRAMMAR_CACHE_MEMORY=str(BUDGET))
     with GunicornServer(env, tmp_path / "gunicorn.log") as srv:
         client = srv.openai_client()
@@ -108,9 +146,14 @@ def test_served_worker_keeps_its_grammars_within_the_budget(tiny_checkpoint: Pat
 
         constrained("a+")
         worker = server_stats(srv)["workers"][0]
+        assert worker["grammar_cache_bytes"] < 1 << 20
+        # an answer's tokens wear its grammar's lexer (WEAR_BYTES each, all but the last fed to its matcher)
+        client.completions.create(model=MODEL, prompt="hi", max_tokens=61,
+                                  extra_body={"structured_outputs": {"regex": "[ab]{2000}"}})
+        worn = server_stats(srv)["grammar_cache_bytes"] - worker["grammar_cache_bytes"]
+        assert 60 * WEAR_BYTES <= worn < 60 * WEAR_BYTES + (1 << 20)
         for i in range(4):
             constrained(big_regex(i))
         stats = server_stats(srv)
-        assert stats["grammars_cached"] == 2  # "a+" and the first two went
+        assert stats["grammars_cached"] == 2  # "a+", the worn one and the first two went
         assert BIG * 2 < stats["grammar_cache_bytes"] <= BUDGET
-        assert worker["grammar_cache_bytes"] < 1 << 20

@@ -91,6 +91,12 @@ ERROR_CHARS = 500  # the most of a matcher's error that its request's failure an
 # which at the default 1M cost 50-150 ms every step) and each later mask (step_lexer_fuel).
 LIMITS = llguidance.LLParserLimits(initial_lexer_fuel=300_000, step_lexer_fuel=50_000, verbose_errors=False)
 log = logging.getLogger("nanoqwen")
+# What a cached grammar's lexer may grow after its compile, charged as its requests' copies consume tokens (its wear;
+# no heap delta is its alone then): llguidance builds lexer states as masks walk the vocabulary, measured at most
+# 14.2 KB a token over 500 tokens drawn uniformly from the mask (`[ab]*a[ab]{20}`; other shapes 0.5-10 KB), and
+# 480-550 B a state up to max_lexer_states, where the lexer errs (profiles/lexer_wear.py; RESULTS.md, lane lexer44)
+WEAR_BYTES = 16 << 10
+LEXER_BYTES = LIMITS.max_lexer_states * 600
 # A parser row holds an item for each alternative still open (row_weight counts them from the text, erring high): a
 # chain of rules (`r0: r1 | "b"`, `r1: r2 | "b"`, ...; GBNF's too) or of JSON Schema `$ref`s one a link, alternatives
 # sharing a first token one each. Past 2,000 (LIMITS' max_items_in_row) llguidance ended the answer after a token; short
@@ -282,7 +288,13 @@ class Grammar:
     # A choice's matcher erred (its fuel spent): the copies share the template's lexer, whose error stays, so the
     # cache compiles the text afresh for the next request (Grammars.cached)
     spoiled: bool = False
-    size: int = 0  # the bytes it holds, as the cache charges them (grammar_cache.charged)
+    compiled: int = 0  # the bytes its compile and first mask took, as the cache charges them (grammar_cache.charged)
+    wear: int = 0  # the tokens its copies consumed (RowGrammar.sync: one job at a time, the step's masks')
+
+    @property
+    def size(self) -> int:
+        """The bytes the cache charges it: its compile's, and what its lexer may have grown since (WEAR_BYTES)."""
+        return self.compiled + min(self.wear * WEAR_BYTES, LEXER_BYTES)
 
     def matcher(self) -> LLMatcher:
         return self.template.deep_copy()
@@ -477,17 +489,25 @@ class Grammars:
         return self._compiled(converted, param, key)
 
     def cached(self, key: GrammarKey) -> Grammar | None:
-        """The cached grammar, now the most recently used; None on a miss or a spoiled one."""
+        """The cached grammar, now the most recently used; None on a miss or a spoiled one. The cache weighed anew
+        (its grammars' wear), what it drops let go of after the lock."""
         with self._lock:
             grammar = self._cache.get(key)
+            gone = self._cache.reweigh()
             if grammar is not None and grammar.spoiled:
                 self._cache.pop(key)  # let go of after the lock, as `grammar`
                 return None
+        del gone
         return grammar
 
     def cache_stats(self) -> tuple[int, int]:
-        """(the grammars cached, the bytes they hold): without the lock, which the event loop must not wait for (two
-        ints read under the GIL)."""
+        """(the grammars cached, the bytes they hold): the event loop must not wait for the lock, so they are weighed
+        anew (without dropping any) only where it is free, else as last weighed (two ints read under the GIL)."""
+        if self._lock.acquire(blocking=False):
+            try:
+                self._cache.reweigh(drop=False)
+            finally:
+                self._lock.release()
         return self._cache.grammars, self._cache.bytes
 
     def compile(self, text: str, param: str, key: GrammarKey | None = None,
@@ -516,7 +536,7 @@ class Grammars:
             raise _invalid(param, template.get_error(), origin)
         after = heap_used()  # before the cache's count of what it let go of, read after it
         size = charged(before, after, text, self._cache.released - released)
-        grammar = Grammar(text, template, first_mask, promises=not template.is_accepting(), size=size)
+        grammar = Grammar(text, template, first_mask, promises=not template.is_accepting(), compiled=size)
         return self.keep(key, grammar)
 
     def keep(self, key: GrammarKey, grammar: Grammar) -> Grammar:
@@ -684,6 +704,8 @@ class RowGrammar:
             else:
                 self.matcher.consume_token(token)  # a refused token leaves the matcher in its error state
                 self.first_mask = None
+                if self.source is not None:
+                    self.source.wear += 1
         self._seen = len(token_ids) - num_prompt_tokens
 
     def fill_start(self, bitmask: torch.Tensor, row: int) -> bool:

@@ -10,9 +10,9 @@ each), erring high; the grammars the cache let go meanwhile (the other compile's
 else an 11 MB grammar compiled beside one was charged 0 (profiles/RESULTS.md, the lead's forty-third section); what
 requests free meanwhile errs it low. Its text, made before, is added. Where the C library has no mallinfo2 (not glibc)
 the text alone is charged, and the count is what bounds the cache. What the grammar's lexer, shared by its requests'
-copies, grows after it is cached is charged to none (no thread's heap delta is its alone then): llguidance's
-max_lexer_states bounds it (250,000 states; `[ab]*a[ab]{20}`, charged 0.1 MB, grew 45.6 MB in 5,200 tokens sampled
-at random: profiles/RESULTS.md, lane tidy44)."""
+copies, grows after it is cached (`[ab]*a[ab]{20}`, charged 0.1 MB, grew 45.6 MB in 5,200 tokens sampled at random:
+profiles/RESULTS.md, lane tidy44) no thread's heap delta tells; a grammar's size grows instead with the tokens its
+copies consumed (grammar.WEAR_BYTES), and the cache weighs its grammars anew at each lookup and keep (reweigh)."""
 from __future__ import annotations
 
 import collections
@@ -76,8 +76,8 @@ class GrammarCache(Generic[K, G]):
     entries: collections.OrderedDict[K, G] = field(default_factory=collections.OrderedDict, init=False)
     bytes: int = field(default=0, init=False)
     released: int = field(default=0, init=False)  # the bytes of every grammar it let go of, all told
-    # by id(grammar): its keys here
-    _keys: collections.Counter[int] = field(default_factory=collections.Counter, init=False, repr=False)
+    # by id(grammar): its keys here, and the bytes it is counted for in `bytes` (its size when last weighed)
+    _held: dict[int, tuple[int, int]] = field(default_factory=dict, init=False, repr=False)
 
     def get(self, key: K) -> G | None:
         """The grammar under `key`, now the most recently used; None on a miss."""
@@ -89,7 +89,7 @@ class GrammarCache(Generic[K, G]):
     @property
     def grammars(self) -> int:
         """The distinct grammars kept (one may be under several keys)."""
-        return len(self._keys)
+        return len(self._held)
 
     def put(self, key: K, grammar: G) -> list[G]:
         """`grammar` under `key` as the most recently used; the oldest keys go until both bounds hold, or until it is
@@ -100,23 +100,33 @@ class GrammarCache(Generic[K, G]):
             return []
         gone = [self.pop(key)]
         self.entries[key] = grammar
-        self._held(grammar, 1)
-        while len(self.entries) > 1 and (len(self.entries) > self.max_entries or self.bytes > self.max_bytes):
+        self._keyed(grammar, 1)
+        return [went for went in gone if went is not None] + self.reweigh()
+
+    def reweigh(self, drop: bool = True) -> list[G]:
+        """Each grammar counted at its size now (which grows as its requests wear its lexer), then (`drop`) the oldest
+        keys dropped until both bounds hold, or until one is left (the most recently used); what went, as put's."""
+        for grammar in self.entries.values():
+            keys, counted = self._held[id(grammar)]
+            size = grammar.size  # read once: the steps' masks grow it meanwhile
+            self._held[id(grammar)] = keys, size
+            self.bytes += size - counted
+        gone: list[G | None] = []
+        while drop and len(self.entries) > 1 and (len(self.entries) > self.max_entries or self.bytes > self.max_bytes):
             gone.append(self.pop(next(iter(self.entries))))
         return [went for went in gone if went is not None]
 
     def pop(self, key: K) -> G | None:
         grammar = self.entries.pop(key, None)
         if grammar is not None:
-            self._held(grammar, -1)
+            self._keyed(grammar, -1)
         return grammar
 
-    def _held(self, grammar: G, keys: int) -> None:
-        """One key more (1) or fewer (-1) for `grammar`: its bytes counted while any key holds it."""
-        held = self._keys[id(grammar)]
-        self._keys[id(grammar)] += keys
-        if not held or not self._keys[id(grammar)]:
-            self.bytes += keys * grammar.size
-            self.released += grammar.size if keys < 0 else 0
-        if not self._keys[id(grammar)]:
-            del self._keys[id(grammar)]
+    def _keyed(self, grammar: G, keys: int) -> None:
+        """One key more (1) or fewer (-1) for `grammar`: its bytes counted while any key holds it (as last weighed)."""
+        held, counted = self._held.pop(id(grammar), (0, grammar.size))
+        if held + keys:
+            self._held[id(grammar)] = held + keys, counted
+        if not held or not held + keys:
+            self.bytes += keys * counted
+            self.released += counted if keys < 0 else 0
