@@ -59,7 +59,10 @@ def charged(before: int | None, after: int | None, text: str, released: int) -> 
 
 class Sized(Protocol):
     @property
-    def size(self) -> int: ...
+    def size(self) -> int: ...  # what it is charged now: its compile's and its wear's
+
+    @property
+    def compiled(self) -> int: ...  # what its compile and first mask took, measured: what letting it go gives back
 
 
 K = TypeVar("K", bound=Hashable)
@@ -75,7 +78,7 @@ class GrammarCache(Generic[K, G]):
     max_bytes: int
     entries: collections.OrderedDict[K, G] = field(default_factory=collections.OrderedDict, init=False)
     bytes: int = field(default=0, init=False)
-    released: int = field(default=0, init=False)  # the bytes of every grammar it let go of, all told
+    released: int = field(default=0, init=False)  # the compiled bytes of every grammar it let go of, all told
     # by id(grammar): its keys here, and the bytes it is counted for in `bytes` (its size when last weighed)
     _held: dict[int, tuple[int, int]] = field(default_factory=dict, init=False, repr=False)
 
@@ -124,9 +127,12 @@ class GrammarCache(Generic[K, G]):
 
     def _keyed(self, grammar: G, keys: int) -> None:
         """One key more (1) or fewer (-1) for `grammar`: its bytes counted while any key holds it (as last weighed)."""
-        held, counted = self._held.pop(id(grammar), (0, grammar.size))
-        if held + keys:
+        held, counted = self._held.get(id(grammar), (0, grammar.size))
+        if held + keys:  # assigned, not popped and put back: cache_stats counts the grammars without the lock
             self._held[id(grammar)] = held + keys, counted
+        else:
+            del self._held[id(grammar)]
         if not held or not held + keys:
             self.bytes += keys * counted
-            self.released += counted if keys < 0 else 0
+            # not its wear: an estimate, never measured on the heap, that a compile beside this would be charged
+            self.released += grammar.compiled if keys < 0 else 0
