@@ -16,8 +16,7 @@ import requests
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from engine_util import hf_greedy
-from nanoqwen import loader
+from engine_util import hf_greedy, shared_tokenizer
 from server_process import GunicornServer
 from waits import wait_for
 
@@ -81,7 +80,7 @@ def assert_completions_greedy(srv: GunicornServer, checkpoint: Path, hf: torch.n
     not), gives `hf`'s greedy tokens (computed once)."""
     body = dict(model=MODEL, prompt=prompts, temperature=0, max_tokens=new_tokens,
                 extra_body={"ignore_eos": True, "skip_special_tokens": False})
-    tokenizer = loader.load_tokenizer(checkpoint)
+    tokenizer = shared_tokenizer(checkpoint)
     expected = [tokenizer.decode(hf_greedy(hf, p, new_tokens), skip_special_tokens=False) for p in prompts]
     for stream in streams:
         assert completion_texts(srv, body, stream) == expected, f"stream={stream}"

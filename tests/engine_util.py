@@ -48,10 +48,10 @@ def _tokenizer(path: Path, files: frozenset[tuple[str, int, int]]):
     return _LOAD_TOKENIZER(path)
 
 
-def _loaded_once(path: Path):
+def shared_tokenizer(path: Path):
     """loader.load_tokenizer of a checkpoint folder as its files are now, kept for the last four checkpoints a test
-    process loaded: ~2 s a load, which every engine the tests load paid again for the same few checkpoints. The engine
-    changes nothing in it."""
+    process loaded: ~2 s a load, which every engine the tests load, and every test reading a checkpoint's tokens, paid
+    again for the same few checkpoints. For reading only: the engine changes nothing in it, nor may a test."""
     path = Path(path).resolve()
     if not path.is_dir():
         return _LOAD_TOKENIZER(path)
@@ -61,9 +61,9 @@ def _loaded_once(path: Path):
 
 @contextmanager
 def shared_tokenizers() -> Iterator[None]:
-    """Engines loaded meanwhile take their checkpoint's tokenizer from _loaded_once. loader.load_tokenizer itself runs
-    in every server's load, test_loader's and test_memory's tests, and the first engine of each checkpoint here."""
-    with mock.patch.object(loader, "load_tokenizer", _loaded_once):
+    """Engines loaded meanwhile take their checkpoint's tokenizer from shared_tokenizer. loader.load_tokenizer itself
+    runs in every server's load, test_loader's and test_memory's tests, and the first load of each checkpoint here."""
+    with mock.patch.object(loader, "load_tokenizer", shared_tokenizer):
         yield
 
 
@@ -172,18 +172,31 @@ def greedy(max_tokens: int, **kw) -> SamplingParams:
 _GREEDY_RUNS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """torch's intra-op threads `count` meanwhile (an engine's load sets the process's to its own)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def hf_greedy(hf_model, prompt: list[int], max_tokens: int) -> list[int]:
     """transformers' greedy tokens after `prompt`, exactly `max_tokens` of them: as the engine's `ignore_eos`, EOS
     may be chosen and does not stop it (`eos_token_id=None`: neither a stop nor min_new_tokens' ban on it).
     Generated once per model, dtype, device and prompt: a shorter run is the start of a longer one, and the suite
-    asks for the same references in many tests and files."""
+    asks for the same references in many tests and files. On one thread: a token's few small ops spent ~4x the CPU on
+    two where both cores were busy (the suite's two processes), waiting for each other's thread."""
     runs = _GREEDY_RUNS.setdefault(hf_model, {})
     key = (tuple(prompt), hf_model.dtype, hf_model.device)
     if len(runs.get(key, ())) < max_tokens:
-        out = hf_model.generate(
-            torch.tensor([prompt], device=hf_model.device), max_new_tokens=max_tokens, eos_token_id=None,
-            do_sample=False, attention_mask=torch.ones(1, len(prompt), dtype=torch.long, device=hf_model.device),
-        )
+        with torch_threads(1):
+            out = hf_model.generate(
+                torch.tensor([prompt], device=hf_model.device), max_new_tokens=max_tokens, eos_token_id=None,
+                do_sample=False, attention_mask=torch.ones(1, len(prompt), dtype=torch.long, device=hf_model.device),
+            )
         runs[key] = out[0, len(prompt):].tolist()
     return runs.get(key, [])[:max_tokens]
 

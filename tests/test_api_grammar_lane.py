@@ -15,7 +15,7 @@ import pytest
 from flask.testing import FlaskClient
 
 from checkpoints import EOS_IDS, VOCAB_SIZE
-from engine_util import load_engine
+from engine_util import load_engine, shared_tokenizer
 from nanoqwen.api import offload, structured
 from nanoqwen.api.app import create_app
 from nanoqwen.api.config import ServerConfig
@@ -26,7 +26,6 @@ from nanoqwen.engine.grammar import Grammars
 from nanoqwen.engine.request import SamplingParams
 from nanoqwen.engine.threads import NativeEvent
 from nanoqwen.engine.validation import InvalidRequest
-from nanoqwen.loader import load_tokenizer
 from nanoqwen.text import TokenBytes
 
 SLOW_S = 1.5
@@ -196,7 +195,7 @@ def test_a_prompt_of_long_prompt_chars_is_tokenised_in_the_long_lane(
 @pytest.fixture()
 def real(tiny_checkpoint: Path) -> Iterator[tuple[Serving, list[Any], list[Any]]]:
     """A Serving of real Grammars, and what its tokenising lane returned and its grammar lane ran, in order."""
-    tokenizer = load_tokenizer(tiny_checkpoint)
+    tokenizer = shared_tokenizer(tiny_checkpoint)
     grammars = Grammars(tokenizer, TokenBytes(tokenizer), VOCAB_SIZE, EOS_IDS)
     serving = Serving(SimpleNamespace(grammars=grammars), ServerConfig(), SimpleNamespace())  # type: ignore[arg-type]
     looked_up: list[Any] = []

@@ -13,8 +13,7 @@ import paged_inputs
 from chat_http import MODEL, completion_texts, cpu_env
 from checkpoints import make_checkpoint
 from cpu_isas import CPU_FLAGS, LOOPS, capped
-from engine_util import generate, greedy, hf_greedy, load_engine
-from nanoqwen import loader
+from engine_util import generate, greedy, hf_greedy, load_engine, shared_tokenizer
 from ops.cpu import build as cpu_build
 from ops.cpu import prefill_attention as cpu_prefill
 from ops.torch_ref.prefill_attention import prefill_attention_torch
@@ -214,7 +213,7 @@ def test_the_tiles_through_the_engine_give_the_tokens_they_give_off(monkeypatch,
     assert calls == [(new, True) for new in ([300], [14], [72]) for _layer in range(2)]
     monkeypatch.setattr(cpu_prefill, "tiles_serve", lambda head_dim: False)
     assert run() == tiles
-    tokenizer = loader.load_tokenizer(checkpoint)
+    tokenizer = shared_tokenizer(checkpoint)
     body = dict(model=MODEL, temperature=0, max_tokens=16,
                 extra_body={"ignore_eos": True, "skip_special_tokens": False})
     with GunicornServer(cpu_env(checkpoint, NANOQWEN_DTYPE="bfloat16"), tmp_path / "server.log") as srv:

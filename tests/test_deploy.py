@@ -38,9 +38,8 @@ from chat_http import (
     wait_logged,
 )
 from checkpoints import TOKEN_IDS
-from engine_util import hf_greedy
+from engine_util import hf_greedy, shared_tokenizer
 from health_poll import reported_schedstat, schedstat
-from nanoqwen import loader
 from nanoqwen.api.config import ServerConfig
 from nanoqwen.config import resolve_threads
 from nanoqwen.sampler import MODES as SAMPLER_MODES
@@ -59,13 +58,13 @@ def _messages(text: str) -> list[dict[str, str]]:
 
 def _prompt_ids(checkpoint: Path, messages: list[dict[str, str]]) -> list[int]:
     """The prompt the server builds (the engine's encode_messages)."""
-    tokenizer = loader.load_tokenizer(checkpoint)
+    tokenizer = shared_tokenizer(checkpoint)
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return tokenizer.encode(text, add_special_tokens=False)
 
 
 def _expected_bytes(checkpoint: Path, hf_model: Any, messages: list[dict[str, str]], n: int) -> list[bytes]:
-    token_bytes = TokenBytes(loader.load_tokenizer(checkpoint))
+    token_bytes = TokenBytes(shared_tokenizer(checkpoint))
     return [token_bytes.bytes(t) for t in hf_greedy(hf_model(checkpoint), _prompt_ids(checkpoint, messages), n)]
 
 

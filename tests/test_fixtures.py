@@ -20,7 +20,7 @@ from checkpoints import (
     tokenizer_kind,
     write_tokenizer,
 )
-from engine_util import _GREEDY_RUNS, hf_greedy, load_engine, shared_tokenizers
+from engine_util import _GREEDY_RUNS, hf_greedy, load_engine, shared_tokenizer, shared_tokenizers
 from nanoqwen import loader
 
 KINDS = [
@@ -261,6 +261,32 @@ def test_hf_greedy_emits_exactly_max_tokens_and_eos_like_ignore_eos(
     assert hf_greedy(model, [14, 15, 16], 3) != [eos] * 3 and hf_greedy(model, [11, 12, 13], 5) == run
 
 
+def test_hf_greedy_generates_on_one_thread_and_gives_the_process_its_threads_back(
+    tiny_checkpoint: Path, hf_model: Callable[[Path], torch.nn.Module], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reference runs on one torch thread whatever the process's (an engine's load sets them), which are its own
+    again after, also where generate raises."""
+    model, threads = hf_model(tiny_checkpoint), torch.get_num_threads()
+    seen: list[int] = []
+
+    def generate(ids: torch.Tensor, max_new_tokens: int, **_: object) -> torch.Tensor:
+        seen.append(torch.get_num_threads())
+        if max_new_tokens > 2:
+            raise RuntimeError("generate failed")
+        return torch.zeros(1, ids.shape[1] + max_new_tokens, dtype=torch.long)
+
+    monkeypatch.setattr(model, "generate", generate)
+    monkeypatch.setitem(_GREEDY_RUNS, model, {})
+    torch.set_num_threads(2)
+    try:
+        assert hf_greedy(model, [21, 22], 2) == [0, 0] and torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError, match="generate failed"):
+            hf_greedy(model, [21, 22], 3)
+        assert seen == [1, 1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_a_port_another_live_test_process_claimed_is_not_handed_out(monkeypatch: pytest.MonkeyPatch,
                                                                    tmp_path: Path) -> None:
     """The suite's two processes pick ports apart: a live owner's claim holds, a dead owner's is taken over."""
@@ -277,10 +303,11 @@ def test_a_port_another_live_test_process_claimed_is_not_handed_out(monkeypatch:
 
 def test_engines_of_one_checkpoint_share_its_tokenizer_until_its_files_change(tiny_checkpoint: Path,
                                                                               tmp_path: Path) -> None:
-    """load_engine's engines take a checkpoint's tokenizer loaded once (shared_tokenizers); a tokenizer
-    file rewritten since is loaded anew, and loader.load_tokenizer outside load_engine loads each time."""
+    """load_engine's engines, and tests reading a checkpoint's tokens (shared_tokenizer), take a checkpoint's tokenizer
+    loaded once (shared_tokenizers); a tokenizer file rewritten since is loaded anew, and loader.load_tokenizer outside
+    load_engine loads each time."""
     first, second = (load_engine(tiny_checkpoint, max_batch=1) for _ in range(2))
-    assert first.tokenizer is second.tokenizer
+    assert first.tokenizer is second.tokenizer is shared_tokenizer(tiny_checkpoint)  # also the tests' own reads
     assert loader.load_tokenizer(tiny_checkpoint) is not first.tokenizer
     copy = tmp_path / "copy"
     copy.mkdir()

@@ -13,10 +13,10 @@ import llguidance
 import pytest
 from llguidance import gbnf_to_lark
 
+from engine_util import shared_tokenizer
 from nanoqwen.engine import gbnf
 from nanoqwen.engine.gbnf import grammar_from_text, is_gbnf
 from nanoqwen.engine.grammar import Grammars
-from nanoqwen.loader import load_tokenizer
 from nanoqwen.text import TokenBytes
 
 GRAMMARS = [
@@ -57,7 +57,7 @@ def test_lark_is_told_from_gbnf_as_llguidance_tells_it() -> None:
 
 @pytest.fixture(scope="module")
 def grammars(tiny_checkpoint: Path) -> Grammars:
-    tokenizer = load_tokenizer(tiny_checkpoint)
+    tokenizer = shared_tokenizer(tiny_checkpoint)
     return Grammars(tokenizer, TokenBytes(tokenizer), len(tokenizer), [tokenizer.eos_token_id])
 
 

@@ -19,14 +19,13 @@ import torch
 from transformers import PreTrainedTokenizerFast
 
 from checkpoints import END_THINK_ID, EOS_IDS, THINK_ID, TOKEN_IDS, VOCAB_SIZE
-from engine_util import fill_row
+from engine_util import fill_row, shared_tokenizer
 from nanoqwen.api import structured
 from nanoqwen.api.schema_patterns import ecma_patterns
 from nanoqwen.engine import grammar as grammar_module
 from nanoqwen.engine import grammar_rows, hop_cycles
 from nanoqwen.engine.grammar import Grammar, Grammars, RowGrammar, ToolSpec
 from nanoqwen.engine.validation import InvalidRequest
-from nanoqwen.loader import load_tokenizer
 from nanoqwen.sampler import token_bitmask
 from nanoqwen.text import TokenBytes
 from schema_shapes import (
@@ -52,7 +51,7 @@ PROMPT = [9707, 1879]
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_checkpoint: Path) -> PreTrainedTokenizerFast:
-    return load_tokenizer(tiny_checkpoint)
+    return shared_tokenizer(tiny_checkpoint)
 
 
 @pytest.fixture(scope="module")

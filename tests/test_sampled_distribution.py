@@ -18,7 +18,7 @@ import torch
 
 from chat_http import MODEL
 from checkpoints import VOCAB_SIZE, make_checkpoint
-from nanoqwen import loader
+from engine_util import shared_tokenizer
 from nanoqwen.text import TokenBytes
 from sampling_reference import Params, chi_square, probabilities
 from server_process import GunicornServer
@@ -67,7 +67,7 @@ class Pieces:
 
 @pytest.fixture(scope="module")
 def pieces() -> Pieces:
-    tokens = TokenBytes(loader.load_tokenizer(make_checkpoint()))
+    tokens = TokenBytes(shared_tokenizer(make_checkpoint()))
     ids = [tokens.piece(t) for t in range(VOCAB_SIZE)]
     index: dict[str, int] = {}
     of = np.array([index.setdefault(piece, len(index)) for piece in ids])

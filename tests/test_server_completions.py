@@ -12,8 +12,7 @@ from transformers import AutoTokenizer
 
 from chat_http import CHAT_SERVER_MAX_MODEL_LEN, MODEL, completion_texts
 from checkpoints import load_hf_model, make_checkpoint
-from engine_util import hf_greedy, odd_text
-from nanoqwen import loader
+from engine_util import hf_greedy, odd_text, shared_tokenizer
 from server_process import GunicornServer
 
 PROMPT = "Once upon a time, a small robot"
@@ -137,7 +136,7 @@ def test_stops_cut_transformers_answer_at_the_token_completing_them(server: Guni
     those but the ones whose text the stop string cut away whole (the token completing it: llama.cpp's, not vLLM's)."""
     ids = _ids(server, PROMPT)
     tokens = hf_greedy(load_hf_model(make_checkpoint()), ids, 24)
-    tokenizer = loader.load_tokenizer(make_checkpoint())
+    tokenizer = shared_tokenizer(make_checkpoint())
     text = tokenizer.decode(tokens)
     rows = _reference(ids + tokens)[len(ids) - 1:-1]  # [len(tokens), V]: each answer token's position
     reference = [row[t].item() for row, t in zip(rows, tokens, strict=True)]

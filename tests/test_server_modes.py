@@ -16,7 +16,7 @@ import requests
 import torch
 
 from chat_http import MODEL, assert_completions_greedy, assert_serves_greedy, completion_texts, cpu_env
-from nanoqwen import loader
+from engine_util import shared_tokenizer
 from ops.cpu import build as cpu_build
 from server_process import GunicornServer
 
@@ -89,7 +89,7 @@ def test_torch_reference_ops_serve_penalised_requests_as_transformers(
     RepetitionPenaltyLogitsProcessor (on prompt and output tokens, as ours), streamed and not; plain greedy too."""
     hf = hf_model(tiny_checkpoint)
     prompts = [[7] * 17, PROMPTS[0]]
-    tokenizer = loader.load_tokenizer(tiny_checkpoint)
+    tokenizer = shared_tokenizer(tiny_checkpoint)
     penalised = [hf.generate(torch.tensor([p]), max_new_tokens=NEW_TOKENS, eos_token_id=None, do_sample=False,
                              repetition_penalty=1.8, attention_mask=torch.ones(1, len(p), dtype=torch.long))
                  for p in prompts]

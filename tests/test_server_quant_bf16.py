@@ -21,8 +21,7 @@ from safetensors.torch import load_file, save_file
 from chat_http import MODEL, cpu_env
 from checkpoints import load_hf_model, make_checkpoint
 from cpu_isas import CPU_FLAGS, VNNI, cap_kernel_set, capped
-from engine_util import generate, greedy, load_engine
-from nanoqwen import loader
+from engine_util import generate, greedy, load_engine, shared_tokenizer
 from ops.cpu import build as cpu_build
 from ops.cpu import linear_int4 as cpu_int4
 from quant_reference import ActivationRounding, int4_linears_as_kernels, load_quantised_hf_model
@@ -105,7 +104,7 @@ def test_served_is_the_in_process_engine(served: list[tuple[str, list[float]]], 
                                          in_process: list[tuple[list[int], list[float]]], checkpoint: Path,
                                          quant: str) -> None:
     assert " dtype=bfloat16 " in server.log() and f" quant={quant} " in server.log()
-    tokenizer = loader.load_tokenizer(checkpoint)
+    tokenizer = shared_tokenizer(checkpoint)
     assert [text for text, _ in served] == [tokenizer.decode(ids, skip_special_tokens=False) for ids, _ in in_process]
     for (_, logprobs), (_, expected) in zip(served, in_process):
         assert logprobs == pytest.approx(expected, abs=1e-6)

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from transformers import PreTrainedTokenizerFast
 
+from engine_util import shared_tokenizer
 from nanoqwen.api import schema_patterns, structured
 from nanoqwen.api.schema_patterns import CLASS_ESCAPES, ecma_pattern, ecma_patterns
 from nanoqwen.engine import grammar as engine_grammar
@@ -21,7 +22,6 @@ from nanoqwen.engine.grammar import MAX_PATTERN_CHARS, MAX_PROPERTIES, MAX_RULES
 from nanoqwen.engine.grammar_rows import schema_links as real_links
 from nanoqwen.engine.schema_values import MAX_VALUES
 from nanoqwen.engine.validation import InvalidRequest
-from nanoqwen.loader import load_tokenizer
 from nanoqwen.text import TokenBytes
 
 SPACE, NOT_SPACE = CLASS_ESCAPES["s"], CLASS_ESCAPES["S"]
@@ -304,7 +304,7 @@ def test_a_large_const_named_by_many_options_costs_no_work_per_merge(monkeypatch
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_checkpoint: Path) -> PreTrainedTokenizerFast:
-    return load_tokenizer(tiny_checkpoint)
+    return shared_tokenizer(tiny_checkpoint)
 
 
 @pytest.fixture(scope="module")
