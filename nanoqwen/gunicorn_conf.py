@@ -66,8 +66,8 @@ def on_starting(server) -> None:
 
 def on_reload(server) -> None:
     """SIGHUP: gunicorn forks the new workers, then stops the old ones. The old ones give up their slots, so that the
-    new ones take 0..N-1 again (they took N..2N-1, and kept them); each new one loads once the old one of its slot has
-    gone (nanoqwen.worker's _wait_for_predecessors)."""
+    new ones take 0..N-1 again (they took N..2N-1, and kept them); on CUDA, its KV pool sized from the free memory, a
+    new one loads once the old one of its slot has gone (nanoqwen.worker's _wait_for_predecessors)."""
     for worker in server.WORKERS.values():
         worker.nanoqwen_retiring = True
 
