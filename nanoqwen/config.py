@@ -137,10 +137,17 @@ def blocks_to_hold(max_batch: int, max_model_len: int, block_size: int) -> int:
     return 1 + max_batch * blocks_for(max_model_len, block_size)
 
 
-def kv_pool_bytes(kv_cache_memory: float, device: torch.device) -> int:
-    if kv_cache_memory > 0:
-        return int(kv_cache_memory)
-    if device.type == "cuda":
+def kv_pool_from_free_memory(config: EngineConfig, device: torch.device) -> bool:
+    """Whether the KV pool takes a share of the device memory free when the model loads (CUDA, with neither
+    kv_cache_memory nor num_kv_blocks set), so that what another process still holds then is lost to it; elsewhere its
+    size is fixed (HOST_KV_BYTES off CUDA)."""
+    return device.type == "cuda" and not config.num_kv_blocks and not config.kv_cache_memory > 0
+
+
+def kv_pool_bytes(config: EngineConfig, device: torch.device) -> int:
+    if config.kv_cache_memory > 0:
+        return int(config.kv_cache_memory)
+    if kv_pool_from_free_memory(config, device):
         free, _ = torch.cuda.mem_get_info(device)
         return int(free * CUDA_KV_SHARE) - CUDA_KV_RESERVE_BYTES
     return HOST_KV_BYTES
@@ -194,7 +201,7 @@ def resolve_runtime(config: EngineConfig, model: ModelConfig, model_path: str, d
         log.warning("NANOQWEN_MAX_MODEL_LEN=%d is past the model's %d positions (max_position_embeddings): "
                     "max_model_len lowered to that", config.max_model_len, max_model_len)
     per_block = kv_bytes_per_token(model, dtype) * config.block_size
-    num_blocks = config.num_kv_blocks or kv_pool_bytes(config.kv_cache_memory, device) // per_block
+    num_blocks = config.num_kv_blocks or kv_pool_bytes(config, device) // per_block
     num_blocks = min(num_blocks, blocks_to_hold(config.max_batch, max_model_len, config.block_size))
     if num_blocks < 2:
         raise ValueError("the KV cache budget is too small for even one block")

@@ -13,7 +13,7 @@ import sys
 from nanoqwen.api.shared_stats import finish_folds, forget_worker, heartbeat_dir, make_run_dir, remove_run_dir
 from nanoqwen.boot_signals import exit_on_stop_signals
 from nanoqwen.placement import SLOT_ENV, lowest_free_slot, place_worker
-from nanoqwen.settings import GRACEFUL_TIMEOUT_S, EngineConfig, env_setting
+from nanoqwen.settings import GRACEFUL_TIMEOUT_S, WORKER_TIMEOUT_S, EngineConfig, env_setting
 
 __all__ = [
     "bind", "worker_class", "workers", "worker_connections", "preload_app", "timeout", "graceful_timeout",
@@ -32,7 +32,7 @@ worker_class = "nanoqwen.worker.NanoqwenWorker"
 workers = 1  # each worker loads its own copy of the model
 worker_connections = 1000
 preload_app = False  # works too: the worker starts the engine after the fork either way
-timeout = 120  # heartbeat of the worker's loop (and its boot: torch import), not a limit on long streams
+timeout = WORKER_TIMEOUT_S  # heartbeat of the worker's loop (and its boot), not a limit on long streams
 graceful_timeout = GRACEFUL_TIMEOUT_S
 keepalive = 75  # longer than common proxies' idle timeouts; shutdown closes idle connections 1 s after the stop
 # gunicorn takes SCRIPT_NAME and PATH_INFO from a loopback peer's request headers by default: behind a proxy on this
@@ -66,8 +66,8 @@ def on_starting(server) -> None:
 
 def on_reload(server) -> None:
     """SIGHUP: gunicorn forks the new workers, then stops the old ones. The old ones give up their slots, so that the
-    new ones take 0..N-1 again (they took N..2N-1, and kept them); each new one loads once the old one of its slot has
-    gone (nanoqwen.worker's _wait_for_predecessors)."""
+    new ones take 0..N-1 again (they took N..2N-1, and kept them); on CUDA, its KV pool sized from the free memory, a
+    new one loads once the old one of its slot has gone (nanoqwen.worker's _wait_for_predecessors)."""
     for worker in server.WORKERS.values():
         worker.nanoqwen_retiring = True
 

@@ -14,6 +14,7 @@ SPECULATIVE_METHODS = ("ngram",)
 STEP_TOKENS_FLOOR = 512  # the smallest default max_step_tokens
 STEP_TOKENS_PER_ROW = 2  # the default max_step_tokens per max_batch row, above the floor
 GRACEFUL_TIMEOUT_S = 30  # SIGTERM: running streams get this long to finish, then end with an error event
+WORKER_TIMEOUT_S = 120  # gunicorn's --timeout (nanoqwen's default): the worker's heartbeat and its boot (torch import)
 # The KV pool without kv_cache_memory: a share of CUDA's free memory less room for activations, graphs and
 # sampling; elsewhere a fixed size.
 CUDA_KV_SHARE = 0.8

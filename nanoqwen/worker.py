@@ -40,6 +40,7 @@ from nanoqwen.api.shared_stats import PUBLISH_S, forgotten
 from nanoqwen.boot_signals import exit_on_stop_signals
 from nanoqwen.request_line import CheckedRequest, refused_method
 from nanoqwen.send_timeout import SendTimeout, TimedWrites
+from nanoqwen.settings import WORKER_TIMEOUT_S
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -47,6 +48,7 @@ if TYPE_CHECKING:
 
     from nanoqwen.api.metrics import ServerStats
     from nanoqwen.engine import Engine
+    from nanoqwen.settings import EngineConfig
 
 SHUTDOWN_MESSAGE = "the server is shutting down: this request ran past the grace period"
 LINGER_S, LINGER_IDLE_S = 5.0, 1.0
@@ -54,6 +56,7 @@ STOPPING_WAIT_S = 1.0
 LOAD_POLL_S = 0.2
 ROOM_POLL_S = 0.25
 OFF_SOCKET = "off the listening socket while its model loads: another worker serves"
+PREDECESSOR_MARGIN_S = 10.0  # past --graceful-timeout: the old worker's kill, its reap and the master's forgetting
 
 
 def route_logs(worker: GeventWorker) -> None:
@@ -223,8 +226,8 @@ class NanoqwenWorker(GeventWorker):
     - a worker whose model loads stays off the shared listening socket while another worker serves
       (_wait_while_a_sibling_serves), and its snapshot says whether it serves (_serving).
     - with several workers, one that reaches --max-requests while no other serves serves on until one does
-      (_hold_at_limit), and a reload's new worker loads once the old one whose slot it took has gone
-      (_wait_for_predecessors).
+      (_hold_at_limit), and a reload's new worker on CUDA, its KV pool sized from the free memory, loads once the old
+      one whose slot it took has gone (_wait_for_predecessors).
     - a request line is refused at its first byte that cannot be one (a TLS ClientHello: nanoqwen.request_line), not
       once 4 KiB or a line feed came.
     """
@@ -367,9 +370,11 @@ class NanoqwenWorker(GeventWorker):
 
     def _restart_when_another_serves(self) -> None:
         """The deferred restart: once another worker serves and no other's restart is under way (may_restart), or
-        gunicorn's --timeout after the limit (a sibling that never loads does not keep this one for ever), whichever
-        comes first; a stop meanwhile (SIGTERM) is that stop."""
-        bound_s = self.cfg.timeout
+        gunicorn's --timeout after the limit (a sibling that never loads does not keep this one for ever; where
+        --timeout is 0, gunicorn's "none", nanoqwen's default of it), whichever comes first; a stop meanwhile
+        (SIGTERM) is that stop. Asked each PUBLISH_S, as often as the others' answers change: each question reads the
+        run directory on the event loop, while this worker serves."""
+        bound_s = self.cfg.timeout or WORKER_TIMEOUT_S
         self.log.info("worker %s reached --max-requests while no other worker serves: it restarts once one does, "
                       "in %s s (--timeout) at most", self.pid, bound_s)
         deadline = time.monotonic() + bound_s
@@ -378,7 +383,7 @@ class NanoqwenWorker(GeventWorker):
                 self.log.warning("worker %s: no other worker served within %s s (--timeout) of its --max-requests: "
                                  "restarting all the same", self.pid, bound_s)
                 break
-            gevent.sleep(LOAD_POLL_S)
+            gevent.sleep(PUBLISH_S)
         if self.alive:
             self.log.info("Autorestarting worker: another worker serves.")
             self.alive = False
@@ -442,7 +447,7 @@ class NanoqwenWorker(GeventWorker):
         self._stats = app.extensions["nanoqwen.stats"]
         self._stats.serving = self._serving
         _freeze_imported_objects()
-        if not self._wait_for_predecessors():
+        if not self._wait_for_predecessors(engine.config):
             return
         start_engine(before_ready=_freeze_loaded_objects)
         gevent.spawn(self._exit_if_load_fails, engine)
@@ -460,12 +465,26 @@ class NanoqwenWorker(GeventWorker):
                 self.log.info("Worker exiting before its model loaded (pid: %s)", self.pid)
                 os._exit(0)
 
-    def _wait_for_predecessors(self) -> bool:
+    def _wait_for_predecessors(self, config: EngineConfig) -> bool:
         """A reload's new worker takes the slot of an old one, which drains meanwhile (nanoqwen.gunicorn_conf's
-        on_reload); it loads and publishes once that one has gone and the master has forgotten it, so that no two
-        live workers show one slot (/stats, vLLM's `engine` label) and the old one's device memory is free. Its imports
-        overlap the old one's drain (up to --graceful-timeout). False: stopped while it waited."""
+        on_reload). Where its KV pool takes a share of the device's free memory (kv_pool_from_free_memory: CUDA) it
+        loads and publishes once that one has gone and the master has forgotten it, so that the old one's memory is
+        free; its imports overlap the old one's drain. Elsewhere it loads at once, the two sharing the slot meanwhile:
+        waiting kept every new worker off the socket for the drain, none accepting (up to --graceful-timeout more:
+        profiles/RESULTS.md, lane maxreq44fix). The wait ends, logged, PREDECESSOR_MARGIN_S past --graceful-timeout (a
+        pid reused, a snapshot whose removal failed). False: stopped while it waited."""
+        from nanoqwen.config import kv_pool_from_free_memory, resolve_device  # torch: never in the master
+
+        if not self.nanoqwen_predecessors or not kv_pool_from_free_memory(config, resolve_device(config.device)):
+            return True
+        bound_s = self.cfg.graceful_timeout + PREDECESSOR_MARGIN_S
+        deadline = time.monotonic() + bound_s
         while self.alive and not all(forgotten(pid) for pid in self.nanoqwen_predecessors):
+            if time.monotonic() >= deadline:
+                self.log.warning("worker %s: its predecessor(s) %s still there %s s after it began to wait "
+                                 "(--graceful-timeout + %s s): loading all the same", self.pid,
+                                 ", ".join(map(str, self.nanoqwen_predecessors)), bound_s, PREDECESSOR_MARGIN_S)
+                break
             self.notify()  # gunicorn's heartbeat
             gevent.sleep(LOAD_POLL_S)
         return self.alive

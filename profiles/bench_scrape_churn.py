@@ -29,8 +29,8 @@ from checkpoints import make_checkpoint
 from server_process import GunicornServer, copy_maps_as_dead, worker_run_dir
 
 DEAD_PID = 10**9  # above any pid_max: never a live worker's
-# what gunicorn's master runs at each reap (nanoqwen/gunicorn_conf.py child_exit), for each dead pid in turn; the slot
-# is one no worker has (its /stats snapshot's removal)
+# what gunicorn's master runs at each reap (nanoqwen/gunicorn_conf.py child_exit), for each dead pid in turn (its /stats
+# snapshot, named by its pid, is none: its removal is a no-op)
 FOLDER = ("import sys\nfrom nanoqwen.api.shared_stats import forget_worker\n"
           "for pid in sys.argv[1:]:\n    forget_worker(int(pid), print)\n")
 

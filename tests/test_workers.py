@@ -3,12 +3,16 @@ and /metrics that add up every worker, through a real gunicorn."""
 from __future__ import annotations
 
 import os
+import select
 import signal
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from socket import create_connection
+from types import SimpleNamespace
 from typing import Any
+from unittest.mock import Mock
 
 import gevent
 import openai
@@ -121,6 +125,39 @@ def test_restarts_at_max_requests_take_turns(tmp_path: Path) -> None:
     first, second = shared_stats.SharedStats(tmp_path), shared_stats.SharedStats(tmp_path)
     assert first.take_restart_turn() and first.take_restart_turn()
     assert not second.take_restart_turn()
+
+
+def test_a_reloads_worker_waits_for_its_predecessor_where_cuda_sizes_its_pool_and_not_for_ever(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reload's new worker waits for the old one of its slot only where its KV pool takes a share of the free memory
+    (CUDA, neither size set); and one never seen gone (a pid reused, its snapshot's removal failed) holds it
+    --graceful-timeout + PREDECESSOR_MARGIN_S, logged, not for ever."""
+    monkeypatch.setenv(shared_stats.RUN_DIR_ENV, str(tmp_path))
+    monkeypatch.setattr(worker, "PREDECESSOR_MARGIN_S", 0.3)
+    new = SimpleNamespace(alive=True, pid=2, nanoqwen_predecessors=(os.getpid(),), notify=lambda: None,
+                          cfg=SimpleNamespace(graceful_timeout=0.2), log=Mock())
+    for config, wait_s in ((EngineConfig(device="cuda:0"), 0.5), (EngineConfig(device="cpu"), 0.0),
+                           (EngineConfig(device="cuda", kv_cache_memory=1e9), 0.0),
+                           (EngineConfig(device="cuda", num_kv_blocks=64), 0.0)):
+        start = time.monotonic()
+        with gevent.Timeout(5, AssertionError(f"{config.device}: it waited for ever")):
+            assert worker.NanoqwenWorker._wait_for_predecessors(new, config)
+        assert wait_s <= time.monotonic() - start < wait_s + 0.4, config
+    new.log.warning.assert_called_once()
+
+
+def test_a_worker_held_at_its_limit_asks_each_publish_and_holds_under_timeout_0() -> None:
+    """gunicorn's --timeout 0 means none: the hold's bound is then nanoqwen's default of it, not 0 (a restart at
+    once, no hold). Each question reads the run directory on the serving worker's event loop: asked each PUBLISH_S
+    (LOAD_POLL_S before: 10 times in 2 s)."""
+    asked = []
+    held = SimpleNamespace(alive=True, pid=2, cfg=SimpleNamespace(timeout=0), log=Mock(), _start_drain=Mock(),
+                           _stats=SimpleNamespace(may_restart=lambda: asked.append(True) and False))
+    waiting = gevent.spawn(worker.NanoqwenWorker._restart_when_another_serves, held)
+    gevent.sleep(4 * shared_stats.PUBLISH_S)
+    waiting.kill()
+    assert held.alive and not held._start_drain.called
+    assert 2 <= len(asked) <= 6, len(asked)
 
 
 def _get(srv: GunicornServer, path: str) -> requests.Response:
@@ -249,57 +286,52 @@ def _answered(srv: GunicornServer) -> str:
 
 
 def test_a_respawned_worker_stays_off_the_socket_while_its_sibling_serves(tiny_checkpoint: Path, tmp_path: Path):
-    """A worker respawned beside a ready sibling (here after a SIGTERM; --max-requests and a crash respawn the same
-    way) accepted while its model loaded and, idle, first: it answered 503 model_loading what its sibling would have
-    served (lane scale43: 61 of 80 requests under --max-requests 8). It accepts once loaded: a steady client sees no
-    model_loading. On SIGHUP the old workers stop at once, so the new ones accept while they load, as before;
-    they take the old ones' slots 0 and 1."""
-    env = {"NANOQWEN_MODEL": str(tiny_checkpoint), **CPU, "NANOQWEN_QUANT": "int8"}  # a load of some seconds
-    with GunicornServer(env, tmp_path / "gunicorn.log", args=("--workers", "2")) as srv:
-        workers = _both_ready(srv)
-        os.kill(workers[0]["pid"], signal.SIGTERM)
-        answers, while_loading, deadline = [], 0, time.monotonic() + 120
-        while srv.log().count("ready: ") < 3:  # the respawned one's
-            assert time.monotonic() < deadline, f"the respawned worker never loaded: {Counter(answers)}\n{srv.log()}"
+    """Under --max-requests the workers split the requests and reach their limits within one load of each other, and a
+    worker respawned beside a ready sibling accepted while its model loaded and, idle, first: it answered 503
+    model_loading what its sibling would have served (lane scale43: 61 of 80 requests under --max-requests 8). Now a
+    worker at its limit serves on while no other serves, restarts by turns, and a respawned one accepts once loaded: a
+    steady client sees no model_loading through each worker's restart. On SIGHUP the old workers stop at once, so the
+    new ones accept while they load, as before; they take the old ones' slots 0 and 1, and on the CPU load while an
+    old one still drains a request (lane maxreq44fix: waiting for it, none accepted for the drain)."""
+    env = {"NANOQWEN_MODEL": str(tiny_checkpoint), **CPU, "NANOQWEN_QUANT": "int8",  # a load of some seconds
+           "NANOQWEN_BODY_TIMEOUT": "120"}  # the upload's
+    args = ("--workers", "2", "--max-requests", "4", "--graceful-timeout", "90")  # the upload outlasts the reload
+    with GunicornServer(env, tmp_path / "gunicorn.log", args=args) as srv:
+        wait_logged(lambda: srv.log().count("ready: ") == 2, "both workers loaded", srv)  # polls would count
+        answers, while_loading, deadline = [], 0, time.monotonic() + 300
+        while srv.log().count("ready: ") < 4:  # both respawned ones'
+            assert time.monotonic() < deadline, f"the workers never both respawned: {Counter(answers)}\n{srv.log()}"
             loading = worker.OFF_SOCKET in srv.log()  # past its imports: where it accepted before
             answers.append(_answered(srv))
             while_loading += loading
         assert set(answers) == {"served"}, Counter(answers)
         assert while_loading >= 3, f"the respawned worker loaded before the client could reach it: {answers}"
-        wait_logged(lambda: metric(srv, "nanoqwen_model_ready") == 2.0, "the respawned worker loaded", srv)
+        assert "reached --max-requests while no other worker serves" in srv.log()
 
+        old = {w["pid"] for w in _workers(srv).values()}
+        # a request whose body is still coming: an old worker drains it for the whole reload
+        upload = create_connection(("127.0.0.1", srv.port))
+        upload.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: nanoqwen\r\nContent-Type: application/json\r\n"
+                       b"Content-Length: 100\r\n\r\n{")
+        time.sleep(1)  # read by a worker
+        readies = srv.log().count("ready: ")  # the held worker's successor, if loaded, is stopped as an old one
         srv.hangup()
         health, deadline = [], time.monotonic() + 120
-        while srv.log().count("ready: ") < 5:  # both new ones'
-            assert time.monotonic() < deadline, f"the new workers never loaded: {health}\n{srv.log()}"
-            response = requests.get(f"{srv.url}/health", timeout=60)  # during their imports: in the backlog
-            health.append("healthy" if response.ok else response.json()["status"])
-            slots = [w["slot"] for w in requests.get(f"{srv.url}/stats", timeout=60).json()["workers"]]
-            assert len(slots) == len(set(slots)), slots  # no two live workers in one slot, old or new
+        with upload:
+            while srv.log().count("ready: ") < readies + 2:  # both new ones'
+                assert time.monotonic() < deadline, f"the new workers never loaded: {health}\n{srv.log()}"
+                assert not select.select([upload], [], [], 0)[0], "the upload ended before the new workers loaded"
+                response = requests.get(f"{srv.url}/health", timeout=60)  # during their imports: in the backlog
+                health.append("healthy" if response.ok else response.json()["status"])
+                serving = [w["slot"] for w in requests.get(f"{srv.url}/stats", timeout=60).json()["workers"]
+                           if w["serving"]]
+                assert len(serving) == len(set(serving)), serving  # a slot's old worker, draining, says it does not
         assert "loading" in health, health
         # the new workers take the old ones' slots: they took 2 and 3, and kept them (lane scale43)
-        old = {w["pid"] for w in workers.values()}
         new = wait_logged(lambda: (w := _workers(srv)) and len(w) == 2 and not old & {v["pid"] for v in w.values()}
                           and w, "the new workers published", srv)
         assert sorted(new) == [0, 1]
         assert sorted(_vllm_series(srv, "vllm:num_requests_running")) == [(slot, MODEL, None) for slot in "01"]
-
-
-def test_workers_at_max_requests_restart_by_turns_one_serving_throughout(tiny_checkpoint: Path, tmp_path: Path):
-    """Under --max-requests the workers split the requests and reach their limits within one load of each other: the
-    second restarted while the first's successor loaded, none served, and the respawned ones answered 503
-    model_loading (lane scale43: 61 of 80). A worker at its limit now serves on until another serves, then restarts: a
-    steady client sees no model_loading."""
-    env = {"NANOQWEN_MODEL": str(tiny_checkpoint), **CPU, "NANOQWEN_GRAPH": "none"}  # the imports make the window
-    with GunicornServer(env, tmp_path / "gunicorn.log", args=("--workers", "2", "--max-requests", "4")) as srv:
-        wait_logged(lambda: srv.log().count("ready: ") == 2, "both workers loaded", srv)  # polls would count
-        served, deadline = 0, time.monotonic() + 300
-        while srv.log().count("ready: ") < 3:  # the first respawned one's
-            assert time.monotonic() < deadline, f"no worker respawned\n{srv.log()}"
-            assert _answered(srv) == "served", f"after {served} served\n{srv.log()}"
-            served += 1
-        assert "reached --max-requests while no other worker serves" in srv.log()
-        wait_logged(lambda: "Autorestarting worker: another worker serves" in srv.log(), "the deferred restart", srv)
 
 
 def test_preloaded_workers_still_get_their_own_slot(tiny_checkpoint: Path, tmp_path: Path):
