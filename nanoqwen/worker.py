@@ -377,15 +377,16 @@ class NanoqwenWorker(GeventWorker):
         bound_s = self.cfg.timeout or WORKER_TIMEOUT_S
         self.log.info("worker %s reached --max-requests while no other worker serves: it restarts once one does, "
                       "in %s s (--timeout) at most", self.pid, bound_s)
-        deadline = time.monotonic() + bound_s
-        while self.alive and not self._stats.may_restart():
+        deadline, served = time.monotonic() + bound_s, False
+        while self.alive and not (served := self._stats.may_restart()):
             if time.monotonic() >= deadline:
                 self.log.warning("worker %s: no other worker served within %s s (--timeout) of its --max-requests: "
                                  "restarting all the same", self.pid, bound_s)
                 break
             gevent.sleep(PUBLISH_S)
         if self.alive:
-            self.log.info("Autorestarting worker: another worker serves.")
+            if served:
+                self.log.info("Autorestarting worker: another worker serves.")
             self.alive = False
             self._start_drain()
 
