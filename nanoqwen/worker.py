@@ -380,8 +380,9 @@ class NanoqwenWorker(GeventWorker):
         deadline, served = time.monotonic() + bound_s, False
         while self.alive and not (served := self._stats.may_restart()):
             if time.monotonic() >= deadline:
-                self.log.warning("worker %s: no other worker served within %s s (--timeout) of its --max-requests: "
-                                 "restarting all the same", self.pid, bound_s)
+                self.log.warning("worker %s: no restart turn came within %s s (--timeout) of its --max-requests (no "
+                                 "other worker served, or another's restart held it): restarting all the same",
+                                 self.pid, bound_s)
                 break
             gevent.sleep(PUBLISH_S)
         if self.alive:

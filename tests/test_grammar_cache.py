@@ -13,7 +13,7 @@ from chat_http import MODEL, cpu_env, server_stats
 from checkpoints import EOS_IDS, VOCAB_SIZE
 from nanoqwen.engine import grammar as grammar_module
 from nanoqwen.engine.grammar import LEXER_BYTES, WEAR_BYTES, Grammars, RowGrammar
-from nanoqwen.engine.grammar_cache import GrammarCache, heap_used
+from nanoqwen.engine.grammar_cache import WORN_SHARE, GrammarCache, heap_used
 from nanoqwen.loader import load_tokenizer
 from nanoqwen.text import TokenBytes
 from server_process import GunicornServer
@@ -63,13 +63,15 @@ def test_cache_weighs_its_grammars_anew_as_they_grow() -> None:
     cache.put("a", a)
     cache.put("b", b)
     cache.put("b again", b)
-    b.worn = 40
-    assert cache.reweigh() == [] and cache.bytes == 60
-    a.worn = 50
-    assert cache.reweigh(drop=False) == [] and cache.bytes == 110  # /stats' weighing: it drops none
-    assert cache.reweigh() == [a] and cache.bytes == 50
+    b.worn = 20
+    assert cache.reweigh() == [] and cache.bytes == 40
+    a.worn = 80
+    assert cache.reweigh(drop=False) == [] and cache.bytes == 65  # /stats' weighing: it drops none
+    a.worn, b.worn = 80 + 100, 100
+    assert cache.reweigh(drop=False) == [] and cache.bytes == 35 + 35  # wear counted up to 100 // WORN_SHARE
+    cache.max_bytes = 30
+    assert cache.reweigh() == [a] and cache.bytes == 10 + 30 // WORN_SHARE
     assert cache.released == 10  # what its compile took: its wear's charge is an estimate, never on the heap
-    b.worn = 60
     assert cache.put("c", Sized(40)) == [b, b] and cache.bytes == 40 and cache.released == 10 + 10  # both its keys
 
 
@@ -87,6 +89,9 @@ def test_a_grammar_s_wear_is_charged_and_drops_it(tiny_checkpoint: Path) -> None
     row.sync([7, a, a, a], num_prompt_tokens=1)  # the engine thread's step: the tokens sampled since the last
     assert worn.wear == 3 and grammars.cache_stats() == (2, compiled + 3 * WEAR_BYTES)
     row.sync([7, a, a, a] + [a] * 60, num_prompt_tokens=1)
+    assert worn.size == worn.compiled + 63 * WEAR_BYTES
+    assert grammars.cache_stats() == (2, compiled + (1 << 20) // WORN_SHARE)  # its wear counted up to a share
+    grammars._cache.max_bytes = compiled  # what they took to compile: the worn one is now past it
     assert grammars.cached(("regex", "c+")) is other  # its lookup weighed the worn one past the budget: it went
     assert grammars.cache_stats() == (1, other.size)
     worn.wear = 10**9

@@ -94,7 +94,8 @@ log = logging.getLogger("nanoqwen")
 # What a cached grammar's lexer may grow after its compile, charged as its requests' copies consume tokens (its wear;
 # no heap delta is its alone then): llguidance builds lexer states as masks walk the vocabulary, measured at most
 # 14.2 KB a token over 500 tokens drawn uniformly from the mask (`[ab]*a[ab]{20}`; other shapes 0.5-10 KB), and
-# 480-550 B a state up to max_lexer_states, where the lexer errs (profiles/lexer_wear.py; RESULTS.md, lane lexer44)
+# 480-550 B a state up to max_lexer_states, where the lexer errs (profiles/lexer_wear.py; RESULTS.md, lane lexer44);
+# the worst shape's rate charged to every grammar, so the cache counts it up to a share of its budget (WORN_SHARE)
 WEAR_BYTES = 16 << 10
 LEXER_BYTES = LIMITS.max_lexer_states * 600
 # A parser row holds an item for each alternative still open (row_weight counts them from the text, erring high): a

@@ -65,6 +65,12 @@ class Sized(Protocol):
     def compiled(self) -> int: ...  # what its compile and first mask took, measured: what letting it go gives back
 
 
+# A grammar's wear (grammar.WEAR_BYTES a token, up to 150 MB) counted at most a quarter of the budget past its compile:
+# the worst shape's rate charged to every grammar, two much-used ones (a typical lexer levels off at 0.3-1.3 MB) filled
+# the default 256 MiB and dropped each other at each lookup; so up to 4 stay, and what worn grammars hold is bounded
+# by 4 x 150 MB past the budget at worst, where before this charge 128 grammars could hold 150 MB each
+WORN_SHARE = 4
+
 K = TypeVar("K", bound=Hashable)
 G = TypeVar("G", bound=Sized)
 
@@ -111,13 +117,17 @@ class GrammarCache(Generic[K, G]):
         keys dropped until both bounds hold, or until one is left (the most recently used); what went, as put's."""
         for grammar in self.entries.values():
             keys, counted = self._held[id(grammar)]
-            size = grammar.size  # read once: the steps' masks grow it meanwhile
+            size = self.counted(grammar)  # read once: the steps' masks grow it meanwhile
             self._held[id(grammar)] = keys, size
             self.bytes += size - counted
         gone: list[G | None] = []
         while drop and len(self.entries) > 1 and (len(self.entries) > self.max_entries or self.bytes > self.max_bytes):
             gone.append(self.pop(next(iter(self.entries))))
         return [went for went in gone if went is not None]
+
+    def counted(self, grammar: G) -> int:
+        """The bytes `grammar` is counted for: its size, its wear's part at most a WORN_SHARE of the budget."""
+        return min(grammar.size, grammar.compiled + self.max_bytes // WORN_SHARE)
 
     def pop(self, key: K) -> G | None:
         grammar = self.entries.pop(key, None)
@@ -127,7 +137,7 @@ class GrammarCache(Generic[K, G]):
 
     def _keyed(self, grammar: G, keys: int) -> None:
         """One key more (1) or fewer (-1) for `grammar`: its bytes counted while any key holds it (as last weighed)."""
-        held, counted = self._held.get(id(grammar), (0, grammar.size))
+        held, counted = self._held.get(id(grammar), (0, self.counted(grammar)))
         if held + keys:  # assigned, not popped and put back: cache_stats counts the grammars without the lock
             self._held[id(grammar)] = held + keys, counted
         else:

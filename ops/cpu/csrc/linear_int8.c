@@ -466,9 +466,9 @@ static void linear_int8_widened(const void *x, const int8_t *w, const void *scal
 
 /* The rows of x past the pieces' range, infinite or NaN again by the widening loops (act_quant.h's PIECES_RANGE):
    their pieces' NaN scales made every output NaN where the reference has inf times each weight. wild: each row's flag
-   from its quantisation (act16_quant_rows), or NULL: each row scanned for it. */
-/* `wild` (NULL: each row scanned) lies in the caller's thread scratch, which linear_int8_widened's may move: read
-   before its one call at M = 1; at M >= 2 the scratch already holds 4 * M * K bytes, more than it asks (4 * K). */
+   from its quantisation (act16_quant_rows), or NULL: each row scanned for it. It lies in the caller's thread
+   scratch, which linear_int8_widened's may move: read before its one call at M = 1; at M >= 2 the scratch already
+   holds at least 2 * M * K bytes, the 4 * K it asks. */
 static void linear_int8_redo_out_of_range(const void *x, const int8_t *w, const void *scale, void *y, int M, int N,
                                           int K, int bf16, const int *wild) {
     const size_t size = bf16 ? 2 : 4;
