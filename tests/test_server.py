@@ -813,7 +813,7 @@ def test_stats_survive_a_snapshot_that_cannot_be_written(server: GunicornServer)
         stats_dir.unlink()
         moved.rename(stats_dir)
     back = time.time()
-    snapshot = stats_dir / "0.json"
+    snapshot = shared_stats.snapshot_path(worker_run_dir(pid), pid)
     wait_for(lambda: snapshot.stat().st_mtime > back, 10, 0.1, "the worker's loop stopped publishing")
     assert requests.get(f"{server.url}/stats", timeout=10).json()["workers"][0]["pid"] == pid
     log = server.log()
