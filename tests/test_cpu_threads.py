@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from cpu_isas import LOOPS, capped
+from engine_util import torch_threads
 from ops.cpu import attention as cpu_attention
 from ops.cpu import build as cpu_build
 from ops.cpu import linear as cpu_linear
@@ -122,15 +123,13 @@ def test_avx2_quantised_linears_staged_and_cut_give_the_one_thread_bits(m, n, k,
                          k, g, int(dtype == torch.bfloat16), cpu_int4.PIECES[dtype])
         return call(int8, rows, wq, scale), out
 
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
+    with torch_threads(1):
         alone = both(x)
-        torch.set_num_threads(2)
-        repeats = STAGED_REPEATS if (m, n, dtype) == (8, 4096, torch.bfloat16) else 2
-        runs = [(both(other), both(x))[1] for _ in range(repeats)]
-    finally:
-        torch.set_num_threads(before)
+    repeats, runs = STAGED_REPEATS if (m, n, dtype) == (8, 4096, torch.bfloat16) else 2, []
+    with torch_threads(2):
+        for _ in range(repeats):
+            both(other)
+            runs.append(both(x))
     bits = torch.int16 if dtype == torch.bfloat16 else torch.int32  # NaNs compared too
     differing = [i for i, pooled in enumerate(runs) if not all(torch.equal(p.view(bits), a.view(bits))
                                                                 for p, a in zip(pooled, alone))]

@@ -10,7 +10,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.mmap_dict import MmapedDict, mmap_key
 
-from nanoqwen.api import metric_archive
+from nanoqwen.api import metric_archive, shared_stats
 from nanoqwen.api.metric_archive import FoldedCollector
 from nanoqwen.api.shared_stats import MULTIPROC_ENV, RUN_DIR_ENV, finish_folds, forget_worker
 
@@ -175,7 +175,7 @@ def test_a_damaged_map_is_logged_not_raised(directory: Path, caplog: pytest.LogC
     done all the same."""
     (directory / "counter_7.db").write_bytes(garbage)
     (directory / "gauge_livesum_7.db").write_bytes(b"")
-    snapshot = directory.parent / "stats" / "7.json"
+    snapshot = shared_stats.snapshot_path(directory.parent, 7)
     snapshot.write_text("{}")
     forget_worker(7, LOG.exception)
     [failure] = caplog.records

@@ -163,7 +163,7 @@ def test_nginx_s_other_refusals_are_in_the_api_s_envelope(replicas, tmp_path, ra
                                                           code: str | None):
     """A request line past nginx's buffers (414), a transfer coding it does not decode (501; a replica answers
     `gzip, chunked` a 415) and an HTTP version past 1.1 (505) were nginx's HTML pages: now the OpenAI envelope, with
-    the code a replica gives the same refusal."""
+    the code a replica's own 414 or 501 carries (none for 505)."""
     with Nginx(tmp_path, [f"127.0.0.1:{s.port}" for s in replicas]) as lb:
         head, body = _raw_answer(lb, raw)
     assert head.split(b" ")[1] == status, head + body
