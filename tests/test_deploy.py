@@ -507,8 +507,7 @@ def test_requests_answered_while_the_model_loads_do_not_count_towards_max_reques
             assert client.completions.create(model=MODEL, prompt="hi", max_tokens=2).choices[0].text
         wait_logged(lambda: srv.log().count("Booting worker") > booted, "the worker's restart", srv,
                     deadline - time.monotonic(), 0.05)
-        # polls that wait for their answer: one wait_healthy gave up on under load (its 1 s) was still answered and
-        # counted, and its next one restarted the successor too
+        # polls that wait for their answers (wait_healthy gives up on each after 1 s)
         wait_logged(lambda: _health_status(srv) == "healthy", "the successor loaded", srv, 120, 0.05)
         log = srv.log()
     finally:
