@@ -27,7 +27,7 @@ def directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A run directory as the master makes it, with a live worker's maps."""
     metrics = tmp_path / "metrics"
     metrics.mkdir()
-    (tmp_path / "stats").mkdir()
+    shared_stats.stats_dir(tmp_path).mkdir()
     monkeypatch.setenv(RUN_DIR_ENV, str(tmp_path))
     monkeypatch.setenv(MULTIPROC_ENV, str(metrics))
     _worker_maps(metrics, LIVE)

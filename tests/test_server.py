@@ -801,7 +801,7 @@ def test_stats_survive_a_snapshot_that_cannot_be_written(server: GunicornServer)
     a 503 that says so, /metrics still answers, the worker's publishing loop logs it once and, once the directory is
     back, publishes again by itself."""
     pid = requests.get(f"{server.url}/stats", timeout=10).json()["workers"][0]["pid"]
-    stats_dir = worker_run_dir(pid) / "stats"
+    stats_dir = shared_stats.stats_dir(worker_run_dir(pid))
     moved = stats_dir.with_name("stats.moved")
     stats_dir.rename(moved)
     try:

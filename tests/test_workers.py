@@ -104,7 +104,7 @@ def test_aggregate_sums_counts_and_weights_the_mean():
 def test_another_serves_only_where_a_sibling_published_so_lately(tmp_path: Path) -> None:
     """What a loading worker waits on: another slot's snapshot that says it serves, replaced within SERVING_FRESH_S
     (older: a stalled worker's, which accepts nothing either); its own and a stopping one's do not count."""
-    (tmp_path / "stats").mkdir()
+    shared_stats.stats_dir(tmp_path).mkdir()
     shared = shared_stats.SharedStats(tmp_path)
     snapshot = shared_stats.snapshot_path(tmp_path, os.getpid() + 1)
     shared_stats.snapshot_path(tmp_path, os.getpid()).write_text('{"serving": true}')
@@ -121,7 +121,7 @@ def test_another_serves_only_where_a_sibling_published_so_lately(tmp_path: Path)
 def test_restarts_at_max_requests_take_turns(tmp_path: Path) -> None:
     """Two workers that reached their limits at once each saw the other serve, and both restarted: the first to take
     the turn holds it (till its exit), the second waits."""
-    (tmp_path / "stats").mkdir()
+    shared_stats.stats_dir(tmp_path).mkdir()
     first, second = shared_stats.SharedStats(tmp_path), shared_stats.SharedStats(tmp_path)
     assert first.take_restart_turn() and first.take_restart_turn()
     assert not second.take_restart_turn()
@@ -335,9 +335,10 @@ def test_a_respawned_worker_stays_off_the_socket_while_its_sibling_serves(tiny_c
                 assert len(serving) == len(set(serving)), serving  # a slot's old worker, draining, says it does not
         assert "loading" in health, health
         # the new workers take the old ones' slots: they took 2 and 3, and kept them (lane scale43)
-        new = wait_logged(lambda: (w := _workers(srv)) and len(w) == 2 and not old & {v["pid"] for v in w.values()}
-                          and w, "the new workers published", srv)
-        assert sorted(new) == [0, 1]
+        # the list as /stats gives it: by slot, a draining old worker and its successor would be one entry
+        new = wait_logged(lambda: (w := _get(srv, "/stats").json()["workers"]) and len(w) == 2
+                          and not old & {v["pid"] for v in w} and w, "the new workers published", srv)
+        assert sorted(v["slot"] for v in new) == [0, 1]
         # a worker at its limit meanwhile (the polls count) is respawned into its slot: its metrics made anew
         wait_logged(lambda: sorted(_vllm_series(srv, "vllm:num_requests_running")) ==
                     [(slot, MODEL, None) for slot in "01"], "an engine label per slot", srv)

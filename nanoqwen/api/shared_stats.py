@@ -61,7 +61,7 @@ def make_run_dir() -> Path:
     """A fresh directory for one server, announced to its workers through the environment."""
     run_dir = Path(tempfile.mkdtemp(prefix="nanoqwen-"))
     (run_dir / "metrics").mkdir()
-    (run_dir / "stats").mkdir()
+    stats_dir(run_dir).mkdir()
     os.environ[RUN_DIR_ENV] = str(run_dir)
     os.environ[MULTIPROC_ENV] = str(run_dir / "metrics")
     return run_dir
@@ -72,8 +72,13 @@ def remove_run_dir() -> None:
         shutil.rmtree(os.environ[RUN_DIR_ENV], ignore_errors=True)
 
 
+def stats_dir(run_dir: Path) -> Path:
+    """Where each worker publishes its /stats snapshot."""
+    return run_dir / "stats"
+
+
 def snapshot_path(run_dir: Path, pid: int) -> Path:
-    return run_dir / "stats" / f"{pid}.json"
+    return stats_dir(run_dir) / f"{pid}.json"
 
 
 def forgotten(pid: int) -> bool:
@@ -146,7 +151,7 @@ class SharedStats:
         from nanoqwen.api.offload import NativePool  # here: the master imports this module, and must not import torch
 
         self._run_dir = run_dir
-        self._dir = run_dir / "stats"
+        self._dir = stats_dir(run_dir)
         self._restart_turn: int | None = None  # the restart lock's file, held till exit (take_restart_turn)
         # the snapshot's write and rename, off the event loop: on a disk they waited up to 230 ms behind another
         # writer's I/O (profiles/RESULTS.md, lane stall27)
