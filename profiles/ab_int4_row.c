@@ -299,7 +299,8 @@ static struct acts prepared(int K) {
     widen_row(x, K, 1, row);
     block_stats(row, K, lanes, xsum, NULL);
     arrange_row(row, K, len, arranged);
-    act_quant_rows(arranged, 0, 1, (int)len, PIECES, q, a);
+    int wild;
+    act_quant_rows(arranged, 0, 1, (int)len, PIECES, q, a, &wild);
     return (struct acts){.q = q, .a = a, .xsum = xsum, .group = group, .len = len};
 }
 

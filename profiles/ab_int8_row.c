@@ -253,7 +253,8 @@ static void run_variant(pool_fn fn, const int8_t *w, uint16_t *y, int N, int K) 
     static __attribute__((aligned(64))) int8_t q[2 * 3072];
     static __attribute__((aligned(64))) float qscale[2];
     static __attribute__((aligned(64))) int32_t lanes[2 * 16];
-    act_quant_rows(x, 1, 1, K, 2, q, qscale);
+    int wild;
+    act_quant_rows(x, 1, 1, K, 2, q, qscale, &wild);
     if (fn == linear_int8_vnni_row || fn == row_batch8 || fn == bound_row_no_end) {  /* the kernel's loop on the
                                                                                          variants' pieces */
         lane_offsets(q, 2, K, lanes);

@@ -74,7 +74,8 @@ static void step_linear(const int8_t *w, int N, int K, struct call_times *sum) {
     static __attribute__((aligned(64))) int8_t q[2 * 3072];
     static __attribute__((aligned(64))) float qscale[2];
     static __attribute__((aligned(64))) int32_t lanes[2 * 16];
-    act_quant_rows(x, 1, 1, K, PIECES_BF16, q, qscale);
+    int wild;
+    act_quant_rows(x, 1, 1, K, PIECES_BF16, q, qscale, &wild);
     lane_offsets(q, PIECES_BF16, K, lanes);
     const struct linear_int8_args a = {0, q, qscale, lanes, w, scale, y, 1, N, K, PIECES_BF16, 1, pool_rows_per_chunk(K),
                                        0};

@@ -166,7 +166,8 @@ static double step_call(const int8_t *w, int s, int variant, long *preread_chunk
         while (preread_for(pre) != chunks / 2) _mm_pause();
         start = now();
     }
-    act_quant_rows(x, 1, 1, (int)sh->K, PIECES_BF16, q, qscale);
+    int wild;
+    act_quant_rows(x, 1, 1, (int)sh->K, PIECES_BF16, q, qscale, &wild);
     lane_offsets(q, PIECES_BF16, (int)sh->K, lanes);
     if (variant == POOL) {  /* the kernels' own pool, this tool's helper parked */
         nanoqwen_pool_run(linear_int8_vnni_row, &a, chunks);

@@ -17,8 +17,8 @@
    range (act_quant.h's PIECES_RANGE), which each took a pass of its own (~0.35 ms of a ~35 ms int4 step at 8 rows,
    profiles/RESULTS.md, lane b8_43).
 
-   act8_block_row(x, bf16, m, M, K, G, q, lanes, gsum): row m of M; returns whether it is out of range, as
-   row_out_of_range says
+   act8_block_row(x, bf16, m, M, K, G, q, lanes, gsum): row m of M; returns whether it is out of range
+   (act_quant.h's pieces_out_of_range)
        x:     [M, K] bf16 (bf16 != 0) or fp32; K % 64 == 0, G % 64 == 0, K % G == 0.
        q:     [chunks][M][256] int8, row m's written, chunks = ceil(K / 256), the places of blocks past K 0.
        lanes: [M][chunks][8] fp32, row m's written: lane L the scale of the chunk's block L % 4 (0 past K).
@@ -73,8 +73,7 @@ static inline int act8_block_row(const void *x, int bf16, int m, int M, int K, i
         __m128 h = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
         h = _mm_max_ps(h, _mm_movehl_ps(h, h));
         const float most = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h))), s = act8_scale(most);
-        /* a NaN can hide a lane's largest |x| from amax (max_ps takes its second operand then): unordered holds it */
-        wild |= _mm256_movemask_ps(unordered) != 0 || most > PIECES_RANGE;
+        wild |= pieces_out_of_range(_mm256_movemask_ps(unordered) != 0, most);
         finite &= _mm256_movemask_ps(unordered) == 0 && s <= FLT_MAX;
         lane[b / 4 * 8 + b % 4] = lane[b / 4 * 8 + b % 4 + 4] = s;
         const __m256 inverse = _mm256_set1_ps(act8_inverse(s));

@@ -12,10 +12,11 @@
    or an infinity has NaN scales (and meaningless q), so that its dot products come out NaN.
 
    API (stable):
-   act_quant_rows(x, bf16, M, K, P, q, scale)
+   act_quant_rows(x, bf16, M, K, P, q, scale, wild)
        x:     [M, K] bf16 (bf16 != 0) or fp32; K % 16 == 0.
        q:     [M * P, K] int8, written: piece p of row m is row m * P + p.
        scale: [M * P] fp32, written.
+       wild:  [M], written: whether each row is past the pieces' range (pieces_out_of_range).
    AMX takes the pieces grouped in quads: act_quads (amx.h). */
 #ifndef NANOQWEN_ACT_QUANT_H
 #define NANOQWEN_ACT_QUANT_H
@@ -33,14 +34,12 @@
    pieces' NaN scales make every output NaN) is recomputed by the caller as the reference computes it. */
 #define PIECES_RANGE 0x1p64f
 
-/* Whether row m of x (K columns, K % 8 == 0) holds a NaN, an infinity or a value past PIECES_RANGE. */
-static inline int row_out_of_range(const void *x, long m, int K, int bf16) {
-    const __m256 range = _mm256_set1_ps(PIECES_RANGE), sign = _mm256_set1_ps(-0.0f);
-    __m256 out = _mm256_setzero_ps();
-    for (int k = 0; k < K; k += 8)
-        out = _mm256_or_ps(out, _mm256_cmp_ps(_mm256_andnot_ps(sign, load8(x, m * K + k, bf16)), range, _CMP_NLE_UQ));
-    return _mm256_movemask_ps(out);
-}
+/* Whether a row is past the pieces' range: a NaN (`unordered`: whether one of its values is; a NaN can hide a lane's
+   largest |x| from a max, which takes its second operand then), an infinity or a value past PIECES_RANGE (`most`: its
+   largest |x|). Said by the pass that finds `most` (act_quant_rows, act16_quant_rows, act8_block_row, linear_int4.c's
+   block_stats), not by one of its own: such a pass cost ~0.35 ms of a ~35 ms int4 step at 8 rows (profiles/RESULTS.md,
+   lane b8_43). */
+static inline int pieces_out_of_range(int unordered, float most) { return unordered || most > PIECES_RANGE; }
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl")
@@ -51,7 +50,7 @@ static inline __m512 act_load16(const void *x, long i, int bf16) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
-static inline void act_quant_rows(const void *x, int bf16, int M, int K, int P, int8_t *q, float *scale) {
+static inline void act_quant_rows(const void *x, int bf16, int M, int K, int P, int8_t *q, float *scale, int *wild) {
     for (int m = 0; m < M; m++) {
         const long row = (long)m * K;
         __m512 amax = _mm512_setzero_ps();
@@ -61,7 +60,9 @@ static inline void act_quant_rows(const void *x, int bf16, int M, int K, int P, 
             amax = _mm512_max_ps(amax, _mm512_abs_ps(v));
             nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
         }
-        float s = _mm512_reduce_max_ps(amax) / 127.0f;
+        const float most = _mm512_reduce_max_ps(amax);
+        wild[m] = pieces_out_of_range(nan != 0, most);
+        float s = most / 127.0f;
         const int finite = !nan && s <= FLT_MAX;
         __m512 scales[ACT_MAX_PIECES], inverses[ACT_MAX_PIECES];
         for (int p = 0; p < P; p++, s /= ACT_PIECE_RATIO) {

@@ -16,8 +16,7 @@
        block: columns a block (K % block == 0, block % 16 == 0): K for piece rows of K, 64 for linear_int4's layout.
        q:     [K / block][M * P][block] int16, written: piece p of row m is row m * P + p of each block.
        scale: [M * P] fp32, written.
-       wild:  [M], written: whether each row is past the pieces' range (act_quant.h's row_out_of_range), from the
-              pass that finds its largest |x|, not one of its own. */
+       wild:  [M], written: whether each row is past the pieces' range (act_quant.h's pieces_out_of_range). */
 #ifndef NANOQWEN_ACT_QUANT16_H
 #define NANOQWEN_ACT_QUANT16_H
 
@@ -46,8 +45,7 @@ static inline void act16_quant_rows(const void *x, int bf16, int M, int K, int P
         __m128 h = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
         h = _mm_max_ps(h, _mm_movehl_ps(h, h));
         const float most = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
-        /* a NaN can hide a lane's largest |x| from amax (max_ps takes its second operand then): unordered holds it */
-        wild[m] = _mm256_movemask_ps(unordered) != 0 || most > PIECES_RANGE;
+        wild[m] = pieces_out_of_range(_mm256_movemask_ps(unordered) != 0, most);
         float s = most / 32767.0f;
         const int finite = _mm256_movemask_ps(unordered) == 0 && s <= FLT_MAX;
         __m256 scales[ACT16_MAX_PIECES], inverses[ACT16_MAX_PIECES];

@@ -86,10 +86,12 @@ static void widen_row(const void *x, int K, int bf16, float *out) {
 
 /* x: one row of K fp32 activations -> sum: [lanes] each 64-column block's activation sum (fp32), for the offsets,
    and (scale not NULL) scale: [lanes] its int8 scale (act8_scale), all NaN where the row holds a NaN or an infinity;
-   0 past K. One pass over the row for both. */
-static void block_stats(const float *x, int K, long lanes, float *sum, float *scale) {
+   0 past K. Returns whether the row is past the pieces' range (act_quant.h's pieces_out_of_range). One pass over the
+   row for all three. */
+static int block_stats(const float *x, int K, long lanes, float *sum, float *scale) {
     __mmask16 unordered = 0;
     float most = 0.0f;
+    __m512 top = _mm512_setzero_ps();  /* the row's largest |x| in each lane */
     for (long b = 0; b < lanes; b++) {
         __m512 s = _mm512_setzero_ps(), amax = _mm512_setzero_ps();
         for (int c = 0; c < 64 && b < K / 64; c += 16) {
@@ -99,12 +101,14 @@ static void block_stats(const float *x, int K, long lanes, float *sum, float *sc
             unordered |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
         }
         sum[b] = _mm512_reduce_add_ps(s);
+        top = _mm512_max_ps(top, amax);
         if (!scale) continue;
         scale[b] = act8_scale(_mm512_reduce_max_ps(amax));
         most = scale[b] > most ? scale[b] : most;
     }
     if (scale && (unordered || !(most <= FLT_MAX)))
         for (long b = 0; b < K / 64; b++) scale[b] = NAN;
+    return pieces_out_of_range(unordered != 0, _mm512_reduce_max_ps(top));
 }
 
 /* arranged: one row as arrange_row leaves it, scale: [len / 64] its blocks' (block_stats) -> q: [len] the row as
@@ -641,18 +645,19 @@ static const int *linear_int4_vnni(const void *x, const uint8_t *w, const void *
     const struct acts acts = {(int8_t *)part[0], (int8_t *)part[1], (float *)part[3], (float *)part[7],
                               (float *)part[2], (float *)part[6], (int32_t *)part[4], len};
     float *rows = (float *)part[5], *arranged = rows + (long)M * K;
+    int *wild = (int *)part[8];  /* block_stats' (act_quant_rows says the same of the same values) */
     for (long b = 0; b < lanes; b++) acts.group[b] = (int32_t)(b * 64 / G);
     for (int m = 0; m < M; m++) {
         float *row = rows + (long)m * K, *scales = acts.scales + (long)m * P * lanes;
         widen_row((const char *)x + (size_t)m * K * (bf16 ? 2 : 4), K, bf16, row);
-        block_stats(row, K, lanes, acts.xsum + m * lanes, vnni && blocks ? scales : NULL);
+        wild[m] = block_stats(row, K, lanes, acts.xsum + m * lanes, vnni && blocks ? scales : NULL);
         if (!vnni) continue;
         arrange_row(row, K, len, arranged);
         if (blocks) {
             block_row(arranged, len, scales, acts.q + (long)m * len);
             continue;
         }
-        act_quant_rows(arranged, 0, 1, (int)len, P, acts.q + (long)m * P * len, acts.a + m * P);
+        act_quant_rows(arranged, 0, 1, (int)len, P, acts.q + (long)m * P * len, acts.a + m * P, wild + m);
         for (int p = 0; p < P; p++)
             for (long b = 0; b < lanes; b++) scales[p * lanes + b] = acts.a[m * P + p];
     }
@@ -667,15 +672,13 @@ static const int *linear_int4_vnni(const void *x, const uint8_t *w, const void *
                 for (int b = g * G / 64; m < M && b < (g + 1) * G / 64; b++) acts.gsum[g * 16 + m] += acts.xsum[m * lanes + b];
             }
         unpacked_order(rows, M, K, arranged);
-        act_quant_rows(arranged, 0, M, K, P, q, acts.a);
+        act_quant_rows(arranged, 0, M, K, P, q, acts.a, wild);
         act_quads(q, M * P, K, acts.quads);
         a.rows = (a.rows + AMX_ROWS - 1) / AMX_ROWS * AMX_ROWS;
         nanoqwen_pool_run(linear_int4_amx, &a, (N + a.rows - 1) / a.rows);
     } else {
         nanoqwen_pool_run(linear_int4_chunk, &a, (N + a.rows - 1) / a.rows);
     }
-    int *wild = (int *)part[8];
-    for (int m = 0; m < M; m++) wild[m] = row_out_of_range(x, m, K, bf16);
     return wild;
 }
 
@@ -693,23 +696,14 @@ static const int *linear_int4_vnni(const void *x, const uint8_t *w, const void *
 /* How far ahead the weights are prefetched: the same chunk of the row this many rows on (in quads, the same offset) */
 #define IL_AHEAD_ROWS 8
 
-/* What a staging chunk of linear_int4_madd's job writes (act8_block_row): the int8 blocks, their scales, the group
-   sums and whether a row is out of range, and how many rows are done. */
-struct madd_stage {
-    const void *x;
-    int8_t *q;
-    float *lanes, *xsum;
-    int *wild;
-    long *done;
-};
-
+/* q8, lanes and xsum: written by the job's staging chunks where it has them (stage). */
 struct linear_int4_madd_args {
-    const int8_t *q8;    /* bf16 rows: [chunks][M][256] int8 blocks, each chunk's in the weights' order (act_block8.h) */
+    int8_t *q8;          /* bf16 rows: [chunks][M][256] int8 blocks, each chunk's in the weights' order (act_block8.h) */
     const int16_t *q16;  /* fp32 rows: [chunks][M * P][256], each chunk's pieces in the widened weights' order
                             (il_arrange16), piece p of row m at m * P + p */
-    const float *lanes;  /* bf16 rows: [M][chunks][8], lane L the scale of the chunk's block L % 4 (0 past K) */
+    float *lanes;        /* bf16 rows: [M][chunks][8], lane L the scale of the chunk's block L % 4 (0 past K) */
     const float *a;      /* [M * P]: each piece's scale; 1 for bf16 rows, whose scales are the blocks' (lanes) */
-    const float *xsum;   /* [M][K / G]: each group's fp32 activation sum, which the offsets multiply */
+    float *xsum;         /* [M][K / G]: each group's fp32 activation sum, which the offsets multiply */
     const uint8_t *w;
     const void *scale, *offset;
     void *y;
@@ -717,7 +711,7 @@ struct linear_int4_madd_args {
     struct pool_rows split;  /* the weight rows' chunks, after the staging ones */
     long quad_rows;  /* rows stored in quads (int4_block.h) */
     int groups;      /* K / G, not divided in the loops */
-    const struct madd_stage *stage;  /* 2+ bf16 rows: the job's first M chunks stage them, a row each; else NULL */
+    struct pool_stage stage;  /* 2+ bf16 rows: the job's first M chunks stage them (int4_stage_row); else none */
 };
 
 /* Column of a chunk at byte p (0..31) of its vector V (0..7): lane p / 4 of vector V / 2's 32 bytes holds columns of
@@ -1125,15 +1119,16 @@ IL_ROWS(2, 2, 0) IL_ROWS(3, 2, 0) IL_ROWS(4, 2, 0)
 IL_QUAD(1, 1, 1) IL_QUAD(2, 1, 1) IL_QUAD(1, 2, 0) IL_QUAD(1, 1, 0) IL_QUAD(2, 1, 0)
 #undef IL_QUAD
 
+/* Row m of linear_int4_madd's bf16 rows as int8 blocks (act8_block_row): its blocks, their scales and group sums. */
+static int int4_stage_row(const void *job, long m) {
+    const struct linear_int4_madd_args *a = job;
+    return act8_block_row(a->stage.x, 1, (int)m, a->M, a->K, a->G, a->q8, a->lanes, a->xsum);
+}
+
 static void linear_int4_madd_chunk(const void *ctx, long chunk) {
     const struct linear_int4_madd_args *a = ctx;
     const int M = a->M, P = a->P, int8 = a->bf16, per = IL_ROW_PIECES / P;
-    const struct madd_stage *t = a->stage;
-    if (t && pool_staging(&chunk, M, t->done)) {
-        t->wild[chunk] = act8_block_row(t->x, 1, (int)chunk, M, a->K, a->G, t->q, t->lanes, t->xsum);
-        pool_staged_done(t->done);
-        return;
-    }
+    if (pool_stage_chunk(&a->stage, int4_stage_row, a, &chunk)) return;
     const long end = pool_rows_end(&a->split, chunk);
     for (int m0 = 0; m0 < M; m0 += per) {
         const int rows = M - m0 < per ? M - m0 : per, W = IL_WEIGHT_ROWS(rows * P);
@@ -1212,10 +1207,13 @@ static const int *linear_int4_madd(const void *x, const uint8_t *w, const void *
     float *a = (float *)part[0], *xsum = (float *)part[1], *lanes = (float *)part[2];
     int *wild = (int *)part[5];
     long done = 0;
-    const struct madd_stage stage = {x, (int8_t *)part[3], lanes, xsum, wild, &done};
+    const long pass = IL_WEIGHT_ROWS(1), rows = (pool_rows_per_chunk(K / 2) + pass - 1) / pass * pass;  /* whole passes */
+    const struct linear_int4_madd_args args = {(int8_t *)part[3], (const int16_t *)part[3], lanes, a, xsum, w, scale,
+                                               offset, y, M, N, K, G, P, bf16, pool_rows_cut(N, rows, pass),
+                                               int4_quad_rows(N), groups, {x, wild, bf16 && M > 1 ? M : 0, &done}};
     if (bf16) {
         for (int m = 0; m < M; m++) a[m] = 1.0f;
-        if (M == 1) wild[0] = act8_block_row(x, 1, 0, 1, K, G, stage.q, lanes, xsum);
+        if (M == 1) wild[0] = int4_stage_row(&args, 0);
     } else {
         act16_quant_rows(x, 0, M, K, P, 64, (int16_t *)part[4], a, wild);
         il_arrange16((const int16_t *)part[4], M * P, K, (int16_t *)part[3]);
@@ -1226,11 +1224,7 @@ static const int *linear_int4_madd(const void *x, const uint8_t *w, const void *
                 xsum[m * groups + g] = hsum(v);
             }
     }
-    const long pass = IL_WEIGHT_ROWS(1), rows = (pool_rows_per_chunk(K / 2) + pass - 1) / pass * pass;  /* whole passes */
-    const struct linear_int4_madd_args args = {(const int8_t *)part[3], (const int16_t *)part[3], lanes, a, xsum, w,
-                                               scale, offset, y, M, N, K, G, P, bf16, pool_rows_cut(N, rows, pass),
-                                               int4_quad_rows(N), groups, bf16 && M > 1 ? &stage : NULL};
-    nanoqwen_pool_run(linear_int4_madd_chunk, &args, (args.stage ? M : 0) + pool_rows_chunks(&args.split));
+    nanoqwen_pool_run(linear_int4_madd_chunk, &args, args.stage.rows + pool_rows_chunks(&args.split));
     return wild;
 }
 

@@ -19,9 +19,9 @@ _Static_assert(VNNI_MAX_PIECES / PIECES_BF16 == 4 && VNNI_MAX_PIECES / PIECES_F3
 
 struct linear_int8_args {
     const void *x;         /* the fallbacks: fp32 rows */
-    const int8_t *q;       /* the integer paths: the pieces, as rows of K (int8: vpdpbusd; int16: vpmaddwd) or
-                              act_quads (AMX) */
-    const float *qscale;   /* [M * P]: each piece's scale */
+    int8_t *q;             /* the integer paths: the pieces, as rows of K (int8: vpdpbusd; int16: vpmaddwd, written by
+                              linear_int8_madd's staging chunks where it has them) or act_quads (AMX) */
+    float *qscale;         /* [M * P]: each piece's scale (as q) */
     const int32_t *offsets;  /* vpdpbusd: [M * P][16], 128 x each piece row's sum in each int32 lane (lane_offsets) */
     const int8_t *w;
     const void *scale;
@@ -164,36 +164,29 @@ INLINE void madd_rows(const struct linear_int8_args *a, long n, long end, int m0
         } \
     } while (0)
 
-/* What a staging chunk of linear_int8_madd's job writes (act16_quant_rows, a row): its pieces, their scales and
-   whether it is out of range; and how many rows are done. */
-struct int8_stage {
-    const void *x;
-    int16_t *q;
-    float *qscale;
-    int *wild;
-    long *done;
-};
-
 struct linear_int8_madd_args {
     struct linear_int8_args a;
-    struct pool_rows split;  /* the weight rows' chunks, after the staging ones */
-    const struct int8_stage *stage;  /* 2+ rows: the job's first M chunks stage them, a row each; else NULL */
+    struct pool_rows split;   /* the weight rows' chunks, after the staging ones */
+    struct pool_stage stage;  /* 2+ rows: the job's first M chunks stage them (int8_stage_row); else none */
 };
 
-/* With a stage the job's first M chunks stage a row each (pool.h's pool_staging); the rest one group of piece
-   rows at a time over their weight rows (AVX2_MAX_PIECES). */
-static void linear_int8_madd(const void *ctx, long chunk) {
+/* Row m of linear_int8_madd's job as int16 pieces (act16_quant_rows): its pieces and their scales. */
+static int int8_stage_row(const void *ctx, long m) {
     const struct linear_int8_madd_args *job = ctx;
     const struct linear_int8_args *a = &job->a;
-    const struct int8_stage *t = job->stage;
-    if (t && pool_staging(&chunk, a->M, t->done)) {
-        const size_t row = (size_t)a->K * (a->bf16 ? 2 : 4);
-        act16_quant_rows((const char *)t->x + chunk * row, a->bf16, 1, a->K, a->P, a->K, t->q + chunk * a->P * a->K,
-                         t->qscale + chunk * a->P, t->wild + chunk);
-        pool_staged_done(t->done);
-        return;
-    }
-    EACH_ROW_GROUP(a, pool_rows_start(&job->split, chunk), pool_rows_end(&job->split, chunk), AVX2_MAX_PIECES,
+    const size_t row = (size_t)a->K * (a->bf16 ? 2 : 4);
+    int wild;
+    act16_quant_rows((const char *)job->stage.x + m * row, a->bf16, 1, a->K, a->P, a->K,
+                     (int16_t *)a->q + m * a->P * a->K, a->qscale + m * a->P, &wild);
+    return wild;
+}
+
+/* The job's staging chunks first (pool_stage_chunk); the rest one group of piece rows at a time over their weight
+   rows (AVX2_MAX_PIECES). */
+static void linear_int8_madd(const void *ctx, long chunk) {
+    const struct linear_int8_madd_args *job = ctx;
+    if (pool_stage_chunk(&job->stage, int8_stage_row, job, &chunk)) return;
+    EACH_ROW_GROUP(&job->a, pool_rows_start(&job->split, chunk), pool_rows_end(&job->split, chunk), AVX2_MAX_PIECES,
                    PIECES16_BF16, PIECES16_F32, madd_rows);
 }
 
@@ -466,14 +459,14 @@ static void linear_int8_widened(const void *x, const int8_t *w, const void *scal
 
 /* The rows of x past the pieces' range, infinite or NaN again by the widening loops (act_quant.h's PIECES_RANGE):
    their pieces' NaN scales made every output NaN where the reference has inf times each weight. wild: each row's flag
-   from its quantisation (act16_quant_rows), or NULL: each row scanned for it. It lies in the caller's thread
-   scratch, which linear_int8_widened's may move: read before its one call at M = 1; at M >= 2 the scratch already
-   holds at least 2 * M * K bytes, the 4 * K it asks. */
+   from its quantisation (act_quant_rows, act16_quant_rows). It lies in the caller's thread scratch, which
+   linear_int8_widened's may move: read before its one call at M = 1; at M >= 2 the scratch already holds at least
+   2 * M * K bytes, the 4 * K it asks. */
 static void linear_int8_redo_out_of_range(const void *x, const int8_t *w, const void *scale, void *y, int M, int N,
                                           int K, int bf16, const int *wild) {
     const size_t size = bf16 ? 2 : 4;
     for (int m = 0; m < M; m++)
-        if (wild ? wild[m] : row_out_of_range(x, m, K, bf16))
+        if (wild[m])
             linear_int8_widened((const char *)x + m * K * size, w, scale, (char *)y + m * N * size, 1, N, K, bf16);
 }
 
@@ -485,11 +478,13 @@ void linear_int8(const void *x, const int8_t *w, const void *scale, void *y, int
     const long pieces = (long)M * P;
     float *qscale;
     /* out of memory for the pieces: the widening loops below */
-    if (has_avx512_vnni() && (qscale = thread_scratch(64 * ((pieces * 4 + 63) / 64) + 64 * pieces + 2 * pieces * K))) {
+    if (has_avx512_vnni() &&
+        (qscale = thread_scratch(64 * ((pieces * 4 + 63) / 64) + 64 * pieces + 2 * pieces * K + M * sizeof(int)))) {
         int32_t *offsets = (int32_t *)((char *)qscale + 64 * ((pieces * 4 + 63) / 64));
         int8_t *q = (int8_t *)(offsets + 16 * pieces), *quads = q + pieces * K;
+        int *wild = (int *)(quads + pieces * K);
         struct linear_int8_args a = {0, q, qscale, offsets, w, scale, y, M, N, K, P, bf16, rows, 0};
-        act_quant_rows(x, bf16, M, K, P, q, qscale);
+        act_quant_rows(x, bf16, M, K, P, q, qscale, wild);
         if (M >= AMX_INT8_MIN_ROWS && K % 64 == 0 && amx_int8_ready()) {
             act_quads(q, (int)pieces, K, quads);
             a.q = quads, a.rows = (rows + AMX_ROWS - 1) / AMX_ROWS * AMX_ROWS;
@@ -498,7 +493,7 @@ void linear_int8(const void *x, const int8_t *w, const void *scale, void *y, int
             lane_offsets(q, (int)pieces, K, offsets);
             nanoqwen_pool_run(M == 1 ? linear_int8_vnni_row : linear_int8_vnni, &a, (N + rows - 1) / rows);
         }
-        linear_int8_redo_out_of_range(x, w, scale, y, M, N, K, bf16, NULL);
+        linear_int8_redo_out_of_range(x, w, scale, y, M, N, K, bf16, wild);
         return;
     }
     const int P16 = bf16 ? PIECES16_BF16 : PIECES16_F32;
@@ -508,14 +503,12 @@ void linear_int8(const void *x, const int8_t *w, const void *scale, void *y, int
         int16_t *q = (int16_t *)((char *)qscale + 64 * ((pieces16 * 4 + 63) / 64));
         int *wild = (int *)(q + pieces16 * K);
         long done = 0;
-        const struct int8_stage stage = {x, q, qscale, wild, &done};
-        if (M == 1) act16_quant_rows(x, bf16, 1, K, P16, K, q, qscale, wild);  /* nothing to share: no staging chunk */
         /* whole spread passes in every chunk but the last (more rows take one weight row a pass: any chunk serves) */
         const long spread = (rows + SPREAD_ROWS - 1) / SPREAD_ROWS * SPREAD_ROWS;
-        const struct linear_int8_madd_args job = {
-            {0, (const int8_t *)q, qscale, 0, w, scale, y, M, N, K, P16, bf16, spread, 0},
-            pool_rows_cut(N, spread, SPREAD_ROWS), M > 1 ? &stage : NULL};
-        nanoqwen_pool_run(linear_int8_madd, &job, (job.stage ? M : 0) + pool_rows_chunks(&job.split));
+        const struct linear_int8_madd_args job = {{0, (int8_t *)q, qscale, 0, w, scale, y, M, N, K, P16, bf16, spread, 0},
+                                                  pool_rows_cut(N, spread, SPREAD_ROWS), {x, wild, M > 1 ? M : 0, &done}};
+        if (M == 1) wild[0] = int8_stage_row(&job, 0);  /* nothing to share: no staging chunk */
+        nanoqwen_pool_run(linear_int8_madd, &job, job.stage.rows + pool_rows_chunks(&job.split));
         linear_int8_redo_out_of_range(x, w, scale, y, M, N, K, bf16, wild);
         return;
     }

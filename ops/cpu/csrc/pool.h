@@ -84,8 +84,8 @@ static inline long pool_rows_end(const struct pool_rows *s, long chunk) {
 
 /* A job whose first chunks stage what its others read (a linear's activation rows as integers, a row a chunk), so
    that both threads stage them where the caller alone did before the job: a claim takes the next chunks in order
-   (pool.c), so a thread has run or holds every staging chunk before it takes a later one, which waits here until
-   `done` counts `staged` of them. A staging chunk ends with pool_staged_done. */
+   (pool.c), so a thread has run or holds every staging chunk before it takes a later one, which waits until `done`
+   counts `staged` of them. */
 static inline void pool_staged_wait(const long *done, long staged) {
     for (unsigned spins = 1; __atomic_load_n(done, __ATOMIC_ACQUIRE) < staged; spins++) {
         _mm_pause();
@@ -93,14 +93,28 @@ static inline void pool_staged_wait(const long *done, long staged) {
     }
 }
 
-static inline void pool_staged_done(long *done) { __atomic_fetch_add(done, 1, __ATOMIC_RELEASE); }
+/* Stages row `row` of x for `job`: writes what the job's other chunks read of it, and returns what flags[row] keeps
+   (a linear's: whether the row is past the pieces' range, act_quant.h). */
+typedef int (*pool_stage_fn)(const void *job, long row);
 
-/* Whether the job's `*chunk` is one of its `staged` first ones, which stages a row and ends with pool_staged_done; if
-   not, once they are all done, *chunk becomes its index among the others. */
-static inline int pool_staging(long *chunk, long staged, const long *done) {
-    if (*chunk < staged) return 1;
-    pool_staged_wait(done, staged);
-    *chunk -= staged;
+/* A job's staging: its first `rows` chunks (0: none, the caller staged what there was before the job), a row each. */
+struct pool_stage {
+    const void *x;  /* the rows staged */
+    int *flags;     /* [rows]: each row's stage */
+    long rows;
+    long *done;     /* staging chunks done */
+};
+
+/* Chunk `*chunk` of a job with staging `s`: a staging chunk stages its row by `stage` and returns 1; any other, once
+   every staging chunk is done, becomes its index among the others (*chunk) and returns 0. */
+static inline int pool_stage_chunk(const struct pool_stage *s, pool_stage_fn stage, const void *job, long *chunk) {
+    if (*chunk < s->rows) {
+        s->flags[*chunk] = stage(job, *chunk);
+        __atomic_fetch_add(s->done, 1, __ATOMIC_RELEASE);
+        return 1;
+    }
+    pool_staged_wait(s->done, s->rows);
+    *chunk -= s->rows;
     return 0;
 }
 
