@@ -54,7 +54,11 @@ class Qwen3ForCausalLM(nn.Module):
         return self.model(input_ids, positions, meta)  # [N, H]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.kernels.to_fp32(self.lm_head(hidden))  # [S, V] fp32
+        return self.kernels.to_fp32(self.head_logits(hidden))  # [S, V] fp32
+
+    def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head's logits [S, V] in the model's dtype: compute_logits before its widening to fp32."""
+        return self.lm_head(hidden)
 
     def tie_weights(self) -> None:
         """Shares the embedding with the LM head where the checkpoint ties them (again once materialised)."""

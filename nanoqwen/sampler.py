@@ -209,14 +209,15 @@ def reserve(vocab_size: int, device: torch.device) -> None:
 
 def sample(logits: torch.Tensor, rows: SamplingRows, mode: str, penalties: Penalties | None = None,
            adjust: LogitAdjust | None = None) -> torch.Tensor:
-    """logits: [B, V] fp32 -> next tokens [B] int64. `mode` must cover every row's settings:
+    """logits: [B, V] fp32 (or the model's bf16 where the CPU's greedy argmax reads them: exact, the same tokens)
+    -> next tokens [B] int64. `mode` must cover every row's settings:
     "greedy" when all temperatures are 0, "top_k" when every sampled row is `few_candidates`, "filter"
     when any sampled row filters. A `few_candidates` row is sampled the same way in every mode.
     Penalties, then logit biases and grammar masks, apply before temperature and filtering: on the CPU in the C
     kernel, on a copy of each row they touch (apply_penalties and apply_adjust elsewhere)."""
     on_cpu = logits.device.type == "cpu" and cpu_sample.KERNEL.ready
     if on_cpu and mode == "greedy" and adjust is None and penalties is None:
-        return cpu_sample.argmax_rows_cpu(logits.float())
+        return cpu_sample.argmax_rows_cpu(logits if logits.dtype == torch.bfloat16 else logits.float())
     if on_cpu:  # greedy mode with adjustments too: every temperature is 0, so each row's argmax
         a, p = adjust or _UNADJUSTED, penalties or _UNPENALISED
         return cpu_sample.sample_rows_cpu(logits.float(), rows.temperature, rows.top_p, rows.top_k.int(), rows.min_p,

@@ -68,7 +68,7 @@ static void run_op(int op, int layer) {
         bf16_to_fp32(logits16, logits, VOCAB);
         break;
     default:
-        argmax_rows(logits, &token, 1, VOCAB);
+        argmax_rows(logits, &token, 1, VOCAB, 0);
     }
 }
 

@@ -12,10 +12,10 @@ replay.c is missing). Alternating gives all the same machine load; medians are r
 the calling thread's CPU time (which a loaded machine inflates less), and the replayed logits are checked equal to
 the eager ones.
 
---per-call: the replayed step's cost by C function, each call timed alone (median over --repeats of the
-per-step sums): wall time, and the CPU time of the calling thread, which a loaded machine inflates less
-(for kernels on the thread pool it leaves out the helpers' share). Then the replay's own cost (256 calls of a
-kernel given no work, replayed by replay.c and by the Python loop) and the greedy argmax of the step's logits.
+--per-call: the greedy step's cost by C function (its recording as a step without logprobs replays it: the argmax
+included), each call timed alone (median over --repeats of the per-step sums): wall time, and the CPU time of the
+calling thread, which a loaded machine inflates less (for kernels on the thread pool it leaves out the helpers' share).
+Then the replay's own cost (256 calls of a kernel given no work, replayed by replay.c and by the Python loop).
 
 --host: what a whole engine decode step (`Engine.step`: scheduling, staging, the replay, sampling, output) spends
 outside its replay, over --repeats greedy steps of fresh sequences: medians of the step, of its replay and of
@@ -39,7 +39,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from nanoqwen.choices import QUANTS  # noqa: E402
 from nanoqwen.engine import SamplingParams  # noqa: E402
-from nanoqwen.sampler import sample  # noqa: E402
 from ops.cpu import graph as cpu_graph  # noqa: E402
 from ops.cpu import pointwise  # noqa: E402
 
@@ -80,7 +79,7 @@ def bench(quant: str, batch: int, args: argparse.Namespace) -> dict:
                 cpu[way].append(time.thread_time() - c)
     assert torch.equal(eager[-1], replayed), "the replay's logits differ from the eager step's"
     with torch.inference_mode():
-        breakdown = per_call(recording, replayed, inputs, args.repeats) if args.per_call else []
+        breakdown = per_call(runner.graphs._cpu_greedy[batch][0], args.repeats) if args.per_call else []
     if args.host:
         breakdown.append(host_side(engine, batch, args.prompt_len, args.repeats))
     ms = {way: 1000 * statistics.median(wall[way]) for way in ways}
@@ -139,8 +138,8 @@ def replay_loop_ms(calls: int, repeats: int) -> tuple[float, float]:
     return 1000 * statistics.median(times["replay"]), 1000 * statistics.median(times["loop"])
 
 
-def per_call(recording, logits: torch.Tensor, inputs, repeats: int) -> list[str]:
-    """The step's cost by C function, the replay loop's own cost and the greedy argmax's, as lines to print."""
+def per_call(recording: cpu_graph.Recording, repeats: int) -> list[str]:
+    """The step's cost by C function and the replay loop's own cost, as lines to print."""
     wall: dict[str, list[float]] = collections.defaultdict(list)
     cpu: dict[str, list[float]] = collections.defaultdict(list)
     for _ in range(repeats):
@@ -161,14 +160,8 @@ def per_call(recording, logits: torch.Tensor, inputs, repeats: int) -> list[str]
         lines.append(f"| {name} | {counts[name]} | {ms:.2f} | {1000 * ms / counts[name]:.1f} "
                      f"| {1000 * statistics.median(cpu[name]):.2f} |")
     replay, loop = replay_loop_ms(len(recording.calls), repeats)
-    argmax = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        sample(logits, inputs.sampling_rows(), "greedy")
-        argmax.append(time.perf_counter() - start)
     lines.append(f"replay alone ({len(recording.calls)} calls doing nothing): replay.c {replay:.3f} ms, "
-                 f"Python loop {loop:.3f} ms; "
-                 f"greedy argmax: {1000 * statistics.median(argmax):.3f} ms")
+                 f"Python loop {loop:.3f} ms")
     return lines
 
 

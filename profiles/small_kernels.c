@@ -2,8 +2,9 @@
    the greedy argmax), Qwen3-0.6B's shapes in bf16, each call timed alone: its wall time and the calling thread's CPU
    time (which leaves out the pool helper's share). Before each call a prefill-sized silu_mul (2,048 x 3,072, on the
    pool) evicts the caches, as the step's streamed weights do, and keeps the helper spinning; the argmax follows the
-   widening, as in the step. Prints per kernel the median and the 2nd percentile of both over CALLS calls, then the
-   load average. Not a test. Any x86-64 CPU with AVX2.
+   widening, as a step with logprobs runs them, and the argmax of the bf16 logits follows that (read last, as the LM
+   head wrote them last in a greedy step). Prints per kernel the median and the 2nd percentile of both over CALLS calls,
+   then the load average. Not a test. Any x86-64 CPU with AVX2.
 
    Which chunks a call gives the pool is the tree's (csrc/pool.h): for an A/B, build the same line in a checkout of
    the other revision and alternate the two binaries. On a loaded 2-core machine the helper rarely gets a core within
@@ -25,9 +26,9 @@
 #define FLUSH_ROWS 2048
 #define EPS 1e-6f
 
-enum { NORM, QK, SILU, WIDEN, ARGMAX, OPS };
+enum { NORM, QK, SILU, WIDEN, ARGMAX, ARGMAX16, OPS };
 static const char *const op_names[OPS] = {"rms_norm", "qk_norm_rope_store", "silu_mul", "bf16_to_fp32",
-                                          "argmax_rows"};
+                                          "argmax_rows", "argmax_rows bf16"};
 
 static uint16_t hidden[MAX_ROWS * HIDDEN], normed[MAX_ROWS * HIDDEN], residual[MAX_ROWS * HIDDEN],
     qkv[MAX_ROWS * (HQ + 2 * HKV) * D], gate_up[MAX_ROWS * 2 * INTER], act[MAX_ROWS * INTER],
@@ -61,8 +62,11 @@ static void run_op(int op, int rows) {
     case WIDEN:
         bf16_to_fp32(logits16, logits, (long)rows * VOCAB);
         break;
-    default:
-        argmax_rows(logits, tokens, rows, VOCAB);
+    case ARGMAX:
+        argmax_rows(logits, tokens, rows, VOCAB, 0);
+        break;
+    default:  /* a greedy step's: the LM head's bf16 logits as they are, no widening */
+        argmax_rows(logits16, tokens, rows, VOCAB, 1);
     }
 }
 
@@ -93,7 +97,7 @@ int main(int argc, char **argv) {
     static double wall[OPS][MAX_CALLS], cpu[OPS][MAX_CALLS];
     for (int c = 0; c < calls; c++)
         for (int op = 0; op < OPS; op++) {
-            if (op != ARGMAX) silu_mul(flush_in, flush_out, FLUSH_ROWS, INTER, 1);
+            if (op < ARGMAX) silu_mul(flush_in, flush_out, FLUSH_ROWS, INTER, 1);
             const double c0 = clock_s(CLOCK_THREAD_CPUTIME_ID), t0 = clock_s(CLOCK_MONOTONIC);
             run_op(op, rows);
             wall[op][c] = clock_s(CLOCK_MONOTONIC) - t0;

@@ -189,7 +189,7 @@ def test_a_bucket_that_computes_with_torch_runs_eagerly():
     def step(mode, inputs):
         return logits(inputs), torch.zeros(inputs.input_ids.shape[0], dtype=torch.int64)
 
-    runner = GraphRunner(step, logits, "cpugraph", torch.device("cpu"), [1, 2], buffer.bucket, [4])
+    runner = GraphRunner(step, logits, torch.Tensor.float, "cpugraph", torch.device("cpu"), [1, 2], buffer.bucket, [4])
     assert list(runner._cpu_graphs) == [1]
     assert runner.cpu_replay == {"python": [1], "eager": [2]}  # a Python callable: the loop of its calls replays
     captured = len(kernel_calls)
@@ -233,6 +233,33 @@ def test_replay_gives_the_eager_tokens_and_logprobs(tiny_checkpoint, quant, dtyp
                    load_engine(tiny_checkpoint, graph="none", max_batch=4, quant=quant, dtype=dtype)):
         outputs.append([(r.choices[0].token_ids, r.choices[0].logprobs) for r in generate(engine, PROMPTS, params)])
     assert outputs[0] == outputs[1]
+
+
+@needs_c_kernels
+def test_a_greedy_step_without_logprobs_leaves_the_fp32_logits_unwritten(tiny_checkpoint, monkeypatch):
+    """bf16: the greedy recording a step without logprobs replays reads the LM head's logits as they are (no
+    bf16_to_fp32 pass); a step where a row wants logprobs replays the widening too. The eager step's tokens either way,
+    and its logprobs."""
+    engine = cpugraph_engine(tiny_checkpoint, dtype="bfloat16")
+    for bare, widened, _ in engine.runner.graphs._cpu_greedy.values():
+        assert [fn.__name__ for fn, _ in bare.calls if fn.__name__ in ("bf16_to_fp32", "argmax_rows")] == [
+            "argmax_rows"]
+        assert [fn.__name__ for fn, _ in widened.calls][-2:] == ["bf16_to_fp32", "argmax_rows"]
+    eager = load_engine(tiny_checkpoint, graph="none", max_batch=4, dtype="bfloat16")
+    run_graph, logits = engine.runner.graphs.run, []
+
+    def run(*args):
+        out = run_graph(*args)
+        logits.append(out[0])
+        return out
+
+    monkeypatch.setattr(engine.runner.graphs, "run", run)
+    for params in (greedy(6), greedy(6, logprobs=True, top_logprobs=2)):
+        logits.clear()
+        got, want = ([(r.choices[0].token_ids, r.choices[0].logprobs) for r in generate(e, PROMPTS, params)]
+                     for e in (engine, eager))
+        assert got == want
+        assert {x is None for x in logits} == {not params.logprobs}
 
 
 @needs_c_kernels

@@ -323,6 +323,23 @@ def test_greedy_is_torch_argmax(use, vocab):
     assert torch.equal(sample(logits, rows(5, temperature=[0.0] * 5), "greedy"), expected)
 
 
+@pytest.mark.parametrize("vocab", [37, 151936])
+def test_greedy_reads_bf16_logits_as_they_are(use, vocab):
+    """A greedy step's argmax reads the LM head's bf16 logits, no fp32 copy made: the tokens of their widening's
+    argmax, ties (the first wins), an all -inf row (token 0) and a last token past the whole vectors included."""
+    torch.manual_seed(vocab)
+    logits = (torch.randn(5, vocab) * 4).bfloat16()
+    logits[1, 3] = logits[1, vocab - 1] = logits[1].max() + 1
+    logits[2] = -math.inf
+    logits[3, vocab - 1] = 100.0
+    logits[4, :vocab // 2] = logits[4].max()  # bf16's coarse values: many ties
+    expected = logits.float().argmax(dim=-1)
+    assert torch.equal(cpu_sample.argmax_rows_cpu(logits), expected)
+    assert torch.equal(sample(logits, rows(5, temperature=[0.0] * 5), "greedy"), expected)
+    with pytest.raises(ValueError, match="float16"):
+        cpu_sample.argmax_rows_cpu(logits.half())
+
+
 @pytest.mark.parametrize("batch", [1, 2, 8])
 def test_greedy_rows_split_over_threads_are_torch_argmax(batch):
     """argmax_rows gives the pool a row a chunk (batch 1's stays on the caller): each row's first maximum, ties

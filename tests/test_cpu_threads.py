@@ -254,7 +254,7 @@ SMALL_KERNELS = textwrap.dedent("""
             p(cache), p(cache), p(ids), n, HQ, HKV, D, 4096, 4096, 4096, 0),
         "silu_mul": lambda n: pointwise.KERNEL.lib.silu_mul(p(gate_up), p(act), n, INTER, 1),
         "bf16_to_fp32": lambda n: pointwise.KERNEL.lib.bf16_to_fp32(p(logits16), p(logits), n * VOCAB),
-        "argmax_rows": lambda n: sample.KERNEL.lib.argmax_rows(p(logits), p(tokens), n, VOCAB),
+        "argmax_rows": lambda n: sample.KERNEL.lib.argmax_rows(p(logits), p(tokens), n, VOCAB, 0),
     }
 """) + STARTED_BY_CALLS
 

@@ -17,28 +17,34 @@ log = logging.getLogger("nanoqwen")
 
 # (sampler mode, inputs) -> (logits [B, V] fp32, tokens [B])
 DecodeStep = Callable[[str, StepInputs], tuple[torch.Tensor, torch.Tensor]]
-# inputs -> logits [B, V] fp32: the decode step without its sampler
-DecodeLogits = Callable[[StepInputs], torch.Tensor]
+# inputs -> the LM head's logits [B, V] in the model's dtype: the decode step without their widening to fp32 and the
+# sampler
+DecodeHead = Callable[[StepInputs], torch.Tensor]
 
 
 class GraphRunner:
-    def __init__(self, step: DecodeStep, logits: DecodeLogits, graph: str, device: torch.device, buckets: list[int],
-                 inputs: Callable[[int, int], StepInputs], widths: list[int]) -> None:
-        """`step` = `logits`, then the sampler. `inputs(bucket, width)` -> the static inputs of `bucket`
-        rows with `width` block-table columns; `widths`: those a step passes, ascending. Graphs are captured over
-        the widest; torch.compile compiles what every (bucket, width, sampler mode) needs here, at load."""
+    def __init__(self, step: DecodeStep, head: DecodeHead, widen: Callable[[torch.Tensor], torch.Tensor], graph: str,
+                 device: torch.device, buckets: list[int], inputs: Callable[[int, int], StepInputs],
+                 widths: list[int]) -> None:
+        """`step` = `head`, `widen` (the logits to fp32), then the sampler. `inputs(bucket, width)` -> the static
+        inputs of `bucket` rows with `width` block-table columns; `widths`: those a step passes, ascending. Graphs are
+        captured over the widest; torch.compile compiles what every (bucket, width, sampler mode) needs here, at
+        load."""
         self.graph = graph
         self.compiles = 0  # torch.compile's graphs of the step: the load's, and any a request's step made after it
         self._step = step
-        self._logits = logits
+        self._head = head
+        self._widen = widen
         self._inputs = inputs
         # (bucket, sampling mode) -> the graph and its output buffers (logits [bucket, V], tokens [bucket])
         self._graphs: dict[tuple[int, str], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         # bucket -> the recorded C calls, their logits [bucket, V] and the sampling settings of the static inputs
         self._cpu_graphs: dict[int, tuple[cpu_graph.Recording, torch.Tensor, SamplingRows]] = {}
-        # bucket -> the greedy step recorded whole (the logits' calls, then the argmax's) and its tokens [bucket]:
-        # after the weights streamed through the caches the sampler's Python alone took 0.15 ms a step
-        self._cpu_greedy: dict[int, tuple[cpu_graph.Recording, torch.Tensor]] = {}
+        # bucket -> the greedy step recorded whole (the head's calls, then the argmax's; after the weights streamed
+        # through the caches the sampler's Python alone took 0.15 ms a step), the same with the logits' widening, and
+        # its tokens [bucket]: the argmax reads the head's logits as they are, so a step whose rows want no logprobs
+        # skips the fp32 copy (at batch 8 a pass writing 4.9 MB)
+        self._cpu_greedy: dict[int, tuple[cpu_graph.Recording, cpu_graph.Recording, torch.Tensor]] = {}
         # cpugraph: how each bucket's step runs, way -> buckets (_capture_cpu); None in another graph mode
         self.cpu_replay: dict[str, list[int]] | None = None
         self._loaded = False  # past the load: a compile now is one a request waits for
@@ -119,19 +125,21 @@ class GraphRunner:
         for bucket in buckets:
             inputs = self._inputs(bucket, width)
             try:
-                with cpu_graph.capture() as recording:
-                    logits = self._logits(inputs)
+                with cpu_graph.capture() as head:
+                    head_logits = self._head(inputs)
+                with cpu_graph.capture() as widening:
+                    logits = self._widen(head_logits)
             except cpu_graph.NotCapturable as exc:
                 log.info("cpugraph: batch bucket %d runs eagerly: %s", bucket, exc)
                 continue
             sampling = inputs.sampling_rows()
-            self._cpu_graphs[bucket] = recording, logits, sampling
+            self._cpu_graphs[bucket] = head + widening, logits, sampling
             try:
                 with cpu_graph.capture() as argmax:
-                    tokens = sample(logits, sampling, "greedy")
+                    tokens = sample(head_logits, sampling, "greedy")
             except cpu_graph.NotCapturable:  # torch's argmax: the sampler runs after the replay
                 continue
-            self._cpu_greedy[bucket] = recording + argmax, tokens
+            self._cpu_greedy[bucket] = head + argmax, head + widening + argmax, tokens
         self.cpu_replay = {}
         for bucket in buckets:
             self.cpu_replay.setdefault(self._replay_way(bucket), []).append(bucket)
@@ -142,18 +150,18 @@ class GraphRunner:
         "eager" where the step was not captured."""
         if not self.replays(bucket):
             return "eager"
-        recordings = [self._cpu_graphs[bucket][0]]
-        if bucket in self._cpu_greedy:
-            recordings.append(self._cpu_greedy[bucket][0])
+        recordings = [self._cpu_graphs[bucket][0], *self._cpu_greedy.get(bucket, ())[:2]]
         return "replay.c" if all(r.packed is not None for r in recordings) else "python"
 
     def replays(self, bucket: int) -> bool:
         """Whether `bucket`'s step replays a CPU graph (no bucket past the C linears' row limit does)."""
         return bucket in self._cpu_graphs
 
-    def run(self, bucket: int, mode: str, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def run(self, bucket: int, mode: str, width: int,
+            logits_wanted: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
         """One decode step over the staged inputs of `bucket` rows and `width` table columns (a
-        replay reads the captured width). -> (logits [bucket, V], tokens [bucket])."""
+        replay reads the captured width). -> (logits [bucket, V] fp32, tokens [bucket]); the logits may be None
+        where not `logits_wanted` (a CPU graph's greedy step then leaves them unwritten)."""
         if self.graph == "cudagraph":
             graph, logits, tokens = self._graphs[bucket, mode]
             graph.replay()
@@ -162,7 +170,8 @@ class GraphRunner:
             recording, logits, sampling = self._cpu_graphs[bucket]
             tokens = None
             if mode == "greedy" and bucket in self._cpu_greedy:
-                recording, tokens = self._cpu_greedy[bucket]
+                bare, widened, tokens = self._cpu_greedy[bucket]
+                recording, logits = (widened, logits) if logits_wanted else (bare, None)
             with profiled("nanoqwen::cpugraph_replay"):
                 recording.replay()
             return logits, tokens if tokens is not None else sample(logits, sampling, mode)

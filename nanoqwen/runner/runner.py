@@ -14,7 +14,14 @@ from nanoqwen.runner.graphs import GraphRunner
 from nanoqwen.runner.inputs import StepInputBuffer, StepInputs, batch_buckets, prefill_inputs
 from nanoqwen.runner.penalties import PenaltyBuilder
 from nanoqwen.runner.prompt_logprobs import prefill_prompt_logprobs
-from nanoqwen.runner.sampling import LogitAdjuster, StepOutput, sampled_positions, stage_sampling, step_output
+from nanoqwen.runner.sampling import (
+    LogitAdjuster,
+    StepOutput,
+    sampled_positions,
+    stage_sampling,
+    step_output,
+    wants_logprobs,
+)
 from nanoqwen.sampler import reserve as reserve_sampler
 from nanoqwen.sampler import sample
 
@@ -77,8 +84,8 @@ class ModelRunner:
         self.penalties = PenaltyBuilder(self.inputs.to_device)
         reserve_sampler(self.config.vocab_size, device)
         self._narrow_tables = model.kernels.decode_attention_gathers
-        self.graphs = GraphRunner(self._decode_step, self._decode_logits, self.graph, device, self.buckets,
-                                  self._bucket_inputs, self._table_widths())
+        self.graphs = GraphRunner(self._decode_step, self._decode_head, model.kernels.to_fp32, self.graph, device,
+                                  self.buckets, self._bucket_inputs, self._table_widths())
         if model.kernels.compiles_at_first_launch:
             self._warm_up()
 
@@ -118,12 +125,20 @@ class ModelRunner:
         return logits, sample(logits, inputs.sampling_rows(), mode)
 
     def _decode_logits(self, inputs: StepInputs) -> torch.Tensor:
-        """The model's part of the step, what a CPU graph records. -> logits [B, V] fp32."""
+        """The model's part of the step. -> logits [B, V] fp32."""
+        return self.model.compute_logits(self._decode_hidden(inputs))
+
+    def _decode_head(self, inputs: StepInputs) -> torch.Tensor:
+        """The model's part of the step up to the LM head, what a CPU graph records before the logits' widening.
+        -> logits [B, V] in the model's dtype."""
+        return self.model.head_logits(self._decode_hidden(inputs))
+
+    def _decode_hidden(self, inputs: StepInputs) -> torch.Tensor:
         meta = AttentionMetadata(
             prefill=False, slot_mapping=inputs.slots, block_tables=inputs.block_tables,
             context_lens=inputs.context_lens,
         )
-        return self.model.compute_logits(self.model(inputs.input_ids, inputs.positions, meta))
+        return self.model(inputs.input_ids, inputs.positions, meta)
 
     def _table_width(self, max_len: int) -> int:
         """Block-table columns a step passes to attention.
@@ -161,9 +176,10 @@ class ModelRunner:
         # step samples greedily (cheapest) and the adjusted distribution is sampled afterwards from
         # its logits, every row with the same mode and noise as in the step.
         resample = penalized or adjusted
-        logits, tokens = self.graphs.run(bucket, "greedy" if resample else mode, self._table_width(max_len))
+        logits, tokens = self.graphs.run(bucket, "greedy" if resample else mode, self._table_width(max_len),
+                                         resample or wants_logprobs(rows))
         if n < bucket:  # two torch views, 20-45 µs cold after a replay (it streamed the weights): only where they cut
-            logits, tokens = logits[:n], tokens[:n]
+            logits, tokens = (None if logits is None else logits[:n]), tokens[:n]
         if resample:
             tokens = sample(logits, self.inputs.device_sampling(n), mode,
                             self.penalties.build(rows) if penalized else None,

@@ -246,9 +246,18 @@ def logits_adjusted(seq: Sequence) -> bool:
         or seq.num_output_tokens < params.min_tokens
 
 
-def step_output(seqs: list[Sequence], logits: torch.Tensor, tokens: torch.Tensor) -> StepOutput:
-    """The step's one host sync: the tokens, with logprobs when any row asked for them."""
-    want = [s.request.params for s in seqs if s.request.params.logprobs]
+def _logprobs_params(seqs: list[Sequence]) -> list[SamplingParams]:
+    return [s.request.params for s in seqs if s.request.params.logprobs]
+
+
+def wants_logprobs(seqs: list[Sequence]) -> bool:
+    """Whether step_output reads the step's logits: a step where none does may leave them unwritten."""
+    return bool(_logprobs_params(seqs))
+
+
+def step_output(seqs: list[Sequence], logits: torch.Tensor | None, tokens: torch.Tensor) -> StepOutput:
+    """The step's one host sync: the tokens, with logprobs when any row asked for them (logits None: none did)."""
+    want = _logprobs_params(seqs)
     if not want:
         return StepOutput(tokens=tokens.tolist())
     k = max(p.top_logprobs for p in want)

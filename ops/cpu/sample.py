@@ -134,13 +134,17 @@ sample_rows_cpu = build.kernel_op("sample_rows_cpu", _sample_rows, _sample_rows_
 
 
 def _argmax_rows(logits: torch.Tensor) -> torch.Tensor:
-    """logits: [B, V] fp32 -> [B] int64, torch.argmax's tokens (greedy decoding). Over 151,936 logits a row on
+    """logits: [B, V] bf16 or fp32 -> [B] int64, torch.argmax's tokens (greedy decoding). Over 151,936 logits a row on
     the 2-core CPU, quiet: torch's argmax 0.19 ms at batch 1 and 0.79 ms at batch 8, this kernel 0.03 and 0.27;
-    at load average 5 torch's took 8-16 ms at batch 8 (its threads contending), this kernel 0.5."""
+    at load average 5 torch's took 8-16 ms at batch 8 (its threads contending), this kernel 0.5. bf16 rows are read
+    as they are: a greedy step needs no fp32 copy of its logits."""
+    if logits.dtype not in (torch.bfloat16, torch.float32):
+        raise ValueError(f"argmax_rows reads bf16 or fp32 logits, not {logits.dtype}")
     logits = logits.contiguous()
     tokens = torch.empty(logits.shape[0], dtype=torch.int64)
     with build.profiled("nanoqwen::argmax_rows_cpu"):
-        graph.call(KERNEL.lib.argmax_rows, logits, tokens, logits.shape[0], logits.shape[1])
+        graph.call(KERNEL.lib.argmax_rows, logits, tokens, logits.shape[0], logits.shape[1],
+                   int(logits.dtype == torch.bfloat16))
     return tokens
 
 

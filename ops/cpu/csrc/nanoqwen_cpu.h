@@ -109,8 +109,9 @@ int sample_rows(const float *logits, const float *temperature, const float *top_
 /* sample.c: *bytes = the scratch of sample_rows for rows of V logits on `threads` threads. */
 void sample_scratch_bytes(int V, int threads, int64_t *bytes);
 
-/* sample.c: tokens[b] = the first maximum of row b of logits [B, V] fp32, as torch.argmax (but a NaN never wins). */
-void argmax_rows(const float *logits, int64_t *tokens, int B, int V);
+/* sample.c: tokens[b] = the first maximum of row b of logits [B, V], bf16 (bf16 != 0) or fp32, as torch.argmax (but a
+   NaN never wins). */
+void argmax_rows(const void *logits, int64_t *tokens, int B, int V, int bf16);
 
 /* replay.c: a CPU graph's replay (ops/cpu/graph.py). cpugraph_thunk sets *thunk to the function that calls the kernel
    `name` (a prototype above) from its arguments packed as 8-byte slots, NULL for any other name. cpugraph_replay runs

@@ -112,7 +112,7 @@ static int thunk_sample_scratch_bytes(void *fn, const union slot *a) {
     return 0;
 }
 static int thunk_argmax_rows(void *fn, const union slot *a) {
-    ((__typeof__(argmax_rows) *)fn)(a[0].p, a[1].p, a[2].i, a[3].i);
+    ((__typeof__(argmax_rows) *)fn)(a[0].p, a[1].p, a[2].i, a[3].i, a[4].i);
     return 0;
 }
 

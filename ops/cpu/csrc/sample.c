@@ -88,12 +88,18 @@ static inline __m256i iota8(int first) {
     return _mm256_add_epi32(_mm256_set1_epi32(first), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
 
+/* 8 logits of a bf16 (bf16 != 0) or fp32 row from token i on, as fp32 (bf16's widened: exact); lanes past V read
+   -inf. */
+static inline __m256 logits8(const void *x, int bf16, int i, int V) {
+    if (i + 8 <= V) return load8(x, i, bf16);
+    float pad[8];
+    for (int j = 0; j < 8; j++) pad[j] = i + j < V ? load1(x, i + j, bf16) : -INFINITY;
+    return _mm256_loadu_ps(pad);
+}
+
 /* 8 scaled logits from token i on; lanes past V read -inf. */
 static inline __m256 scaled8(const float *x, int i, int V, __m256 t) {
-    if (i + 8 <= V) return _mm256_div_ps(_mm256_loadu_ps(x + i), t);
-    float pad[8];
-    for (int j = 0; j < 8; j++) pad[j] = i + j < V ? x[i + j] : -INFINITY;
-    return _mm256_div_ps(_mm256_loadu_ps(pad), t);
+    return _mm256_div_ps(logits8(x, 0, i, V), t);
 }
 
 /* Per-lane race leaders: a lane keeps its first maximum; the winner is the lowest id among the best. */
@@ -124,22 +130,24 @@ static int race_winner(const struct race *r, int n) {
     return best;
 }
 
-/* The first maximum of x / t, as torch.argmax: with t = 1 the greedy token; else the first token of the
+/* The first maximum of x / t (x a bf16 row where bf16, else fp32), as torch.argmax: with t = 1 the greedy token; else the first token of the
    filters' order (scaled logit descending, id ascending), which survives every filter. Two races, 16 tokens
    a step: one race's compare-and-blend chain bounded the loop (151,936 logits: 50 vs 29 µs). */
-static int argmax(const float *x, int V, float t) {
+static inline __attribute__((always_inline)) int first_max(const void *x, int bf16, int V, float t) {
     struct race r[2] = {{_mm256_set1_ps(-INFINITY), _mm256_setzero_si256()},
                         {_mm256_set1_ps(-INFINITY), _mm256_setzero_si256()}};
     const __m256 tv = _mm256_set1_ps(t);
     int i = 0;
     for (; i + 16 <= V; i += 16) {
-        race_add(&r[0], scaled8(x, i, V, tv), iota8(i));
-        race_add(&r[1], scaled8(x, i + 8, V, tv), iota8(i + 8));
+        race_add(&r[0], _mm256_div_ps(logits8(x, bf16, i, V), tv), iota8(i));
+        race_add(&r[1], _mm256_div_ps(logits8(x, bf16, i + 8, V), tv), iota8(i + 8));
     }
-    for (; i < V; i += 8) race_add(&r[0], scaled8(x, i, V, tv), iota8(i));
+    for (; i < V; i += 8) race_add(&r[0], _mm256_div_ps(logits8(x, bf16, i, V), tv), iota8(i));
     const int best = race_winner(r, 2);
     return best < 0 ? 0 : best;
 }
+
+static int argmax(const float *x, int V, float t) { return first_max(x, 0, V, t); }
 
 static inline __m256i bins8(__m256 s, __m256 smax) {
     __m256 d = _mm256_mul_ps(_mm256_sub_ps(smax, s), _mm256_set1_ps((float)BINS_PER_UNIT));
@@ -578,20 +586,24 @@ int sample_rows(const float *logits, const float *temperature, const float *top_
 }
 
 struct argmax_args {
-    const float *x;
+    const void *x;
     int64_t *tokens;
-    int V;
+    int V, bf16;
 };
 
+/* argmax's with t = 1 inlined, whose division the compiler drops (x / 1 is x, bit for bit): the row is read at the
+   memory's pace, bf16 at half fp32's bytes. */
 static void argmax_row(const void *ctx, long b) {
     const struct argmax_args *a = ctx;
-    a->tokens[b] = argmax(a->x + b * a->V, a->V, 1.0f);
+    const long at = b * a->V;
+    a->tokens[b] = a->bf16 ? first_max((const uint16_t *)a->x + at, 1, a->V, 1.0f)
+                           : first_max((const float *)a->x + at, 0, a->V, 1.0f);
 }
 
 /* Shapes: see nanoqwen_cpu.h. A row a pool chunk: batch 1's on the calling thread, which just wrote it (a row cut in
    ranges over the pool gained under 5 µs of its ~22 on the Zen 3, within the noise); batch 8's on both threads, the
    rows' first maxima as on one (profiles/RESULTS.md, lane splitb8_42). */
-void argmax_rows(const float *logits, int64_t *tokens, int B, int V) {
-    const struct argmax_args a = {logits, tokens, V};
+void argmax_rows(const void *logits, int64_t *tokens, int B, int V, int bf16) {
+    const struct argmax_args a = {logits, tokens, V, bf16};
     nanoqwen_pool_run(argmax_row, &a, B);
 }
