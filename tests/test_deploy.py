@@ -536,6 +536,32 @@ def test_a_request_begun_while_the_model_loads_and_answered_as_served_counts_tow
     assert "held until ready" in log.splitlines(), log  # it began while the model loaded
 
 
+def test_a_request_answered_loading_counts_not_towards_max_requests_where_the_model_loaded_by_its_end(
+        tiny_checkpoint, tmp_path):
+    """A /health answered "loading" whose worker found the model loaded at the request's end (the loading thread sets
+    `ready` in between: under load, while the answer is written) counted as one answered as served: the worker
+    restarted at its first request served, a request early (the test two above failed now and then in the suite).
+    tests/gunicorn_held_until_ready.py holds such a request after its answer until the model has loaded."""
+    config = Path(__file__).with_name("gunicorn_held_until_ready.py")
+    srv = GunicornServer(cpu_env(tiny_checkpoint, NANOQWEN_QUANT="int8"), tmp_path / "gunicorn.log",
+                         args=["-c", str(config), "--max-requests", "2"]).launch()
+    try:
+        wait_logged(lambda: _running(srv) and _health_status(srv) == "loading", '/health "loading"', srv, 120, 0.005)
+        held = requests.get(f"{srv.url}/health", headers={"X-Held-After-Its-Answer": "1"}, timeout=30)
+        assert held.status_code == 503 and held.json()["status"] == "loading", held.text
+        wait_logged(lambda: "loaded after its answer" in srv.log().splitlines(), "the held request's end", srv, 120,
+                    0.05)
+        assert _health_status(srv) == "healthy"  # the first request served: not the worker's last
+        assert "Autorestarting worker" not in srv.log(), srv.log()
+        with srv.openai_client() as client:  # the second: the worker's last
+            assert client.completions.create(model=MODEL, prompt="hi", max_tokens=2).choices[0].text
+        wait_logged(lambda: srv.log().count("Booting worker") == 2, "the worker's restart", srv, 30, 0.05)
+        log = srv.log()
+    finally:
+        srv.stop()
+    assert log.count("Autorestarting worker") == 1, log
+
+
 def test_a_worker_at_max_requests_does_not_wait_for_idle_keepalive_connections(tiny_checkpoint, tmp_path):
     """A worker at --max-requests stops accepting and waits for its connections; an idle keep-alive one (the openai
     client's pool, nginx's upstream keepalive) kept it until the graceful timeout, and no worker accepted meanwhile
