@@ -47,7 +47,7 @@ def _error_response(error: APIError) -> Response:
     return response
 
 
-def _answered_loading(error: APIError) -> bool:
+def _loading_answer(error: APIError) -> bool:
     """Whether the answer to give is unavailable()'s while the model loads (/health's "loading", every route's 503
     model_loading), marked so in the request's environ (LOADING_ANSWER): nanoqwen's worker does not count it towards
     --max-requests even where the model has loaded by the request's end (the loading thread sets `ready` between this
@@ -278,7 +278,7 @@ def create_app(engine: Engine, config: ServerConfig) -> Flask:
     def health() -> tuple[dict[str, Any], int] | dict[str, Any]:
         uptime = time.time() - started
         if (error := unavailable(engine)) is not None:
-            status = "loading" if _answered_loading(error) else "error"
+            status = "loading" if _loading_answer(error) else "error"
             body = {"status": status, "uptime": uptime, "model_info": {"model_name": config.model_name}}
             if status == "error":  # the reason (which may name local paths) is in the log
                 body["error"] = "the model failed to load"
@@ -304,7 +304,7 @@ def create_app(engine: Engine, config: ServerConfig) -> Flask:
 
     @app.errorhandler(APIError)
     def api_error(exc: APIError) -> Response:
-        _answered_loading(exc)
+        _loading_answer(exc)
         return _error_response(exc)
 
     @app.errorhandler(HTTPException)
