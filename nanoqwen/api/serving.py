@@ -37,6 +37,7 @@ from nanoqwen.engine.validation import InvalidRequest
 
 log = logging.getLogger(__name__)
 RETRY_AFTER_S = "1"
+MODEL_LOADING = "model_loading"  # unavailable()'s code while the model loads
 T = TypeVar("T")
 LARGE_ANSWER = 2048  # a collected answer of more JSON objects (answer_weight) is built off the loop
 # A stream holds frames for the events still waiting this long at most: a reader behind the engine (a loop saturated
@@ -177,7 +178,7 @@ def unavailable(engine: Engine) -> APIError | None:
         return APIError(503, f"the model failed to load: {engine.load_error}", type="server_error",
                         code="model_load_failed")
     if not engine.ready:
-        return APIError(503, "the model is still loading", type="server_error", code="model_loading",
+        return APIError(503, "the model is still loading", type="server_error", code=MODEL_LOADING,
                         headers={"Retry-After": RETRY_AFTER_S})
     return None
 
