@@ -7,6 +7,8 @@ import socket
 import time
 from pathlib import Path
 
+import pytest
+
 from chat_http import MODEL, cpu_env, http_chunks, raw_request, read_all
 from server_process import GunicornServer
 
@@ -33,13 +35,15 @@ def _read_through_done(sock: socket.socket) -> bytes:
     return data
 
 
-def test_a_stream_begun_after_the_grace_periods_cut_ends_with_its_error_too(tiny_checkpoint: Path,
-                                                                            tmp_path: Path) -> None:
+@pytest.mark.parametrize("stream", [True, False], ids=["streamed", "not-streamed"])
+def test_a_request_begun_after_the_grace_periods_cut_ends_with_its_error_too(tiny_checkpoint: Path, tmp_path: Path,
+                                                                             stream: bool) -> None:
     """A stream running at the stop is failed 1.5 s before --graceful-timeout ends (its error event, then [DONE]); its
     head went out before the stop, so its connection waits 1 s for a next request, which is served. One sent as soon
     as the failed stream ended (a client reusing its connection at once, as openai's and nginx's keep-alive pools do)
     was not failed: it ran until gunicorn killed the worker's handlers at the graceful timeout, its chunked answer cut
-    without an error event or [DONE] (a non-streamed one: the connection closed without an answer)."""
+    without an error event or [DONE] (a non-streamed one: the connection closed without an answer). It fails at once
+    now, as a request running at the cut does."""
     env = cpu_env(tiny_checkpoint, NANOQWEN_MAX_MODEL_LEN="4096", NANOQWEN_THREADS="1")
     srv = GunicornServer(env, tmp_path / "gunicorn.log", args=["--graceful-timeout", str(GRACE_S)]).start()
     body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4000, "ignore_eos": True,
@@ -51,7 +55,7 @@ def test_a_stream_begun_after_the_grace_periods_cut_ends_with_its_error_too(tiny
             assert first.startswith(b"HTTP/1.1 200"), first
             srv.terminate()
             first += _read_through_done(sock)  # failed at the grace period's cut
-            sock.sendall(raw_request(body))  # at once, on the same connection
+            sock.sendall(raw_request({**body, "stream": stream}))  # at once, on the same connection
             ended = time.monotonic()
             second = read_all(sock)
             waited = time.monotonic() - ended
@@ -61,9 +65,14 @@ def test_a_stream_begun_after_the_grace_periods_cut_ends_with_its_error_too(tiny
     head, payloads = _stream_events(first)
     assert b"connection: close" not in head.lower() and payloads[-1] == "[DONE]", payloads[-3:]
     assert "shutting down" in json.loads(payloads[-2])["error"]["message"], payloads[-3:]
-    head, payloads = _stream_events(second)  # a cut chunked body fails here: no last chunk
-    assert head.startswith(b"HTTP/1.1 200") and b"connection: close" in head.lower(), head
-    assert payloads[-1] == "[DONE]", (payloads[-3:], waited)
-    error = json.loads(payloads[-2])["error"]
+    if stream:
+        head, payloads = _stream_events(second)  # a cut chunked body fails here: no last chunk
+        assert head.startswith(b"HTTP/1.1 200") and b"connection: close" in head.lower(), head
+        assert payloads[-1] == "[DONE]", (payloads[-3:], waited)
+        error = json.loads(payloads[-2])["error"]
+    else:  # it was no answer at all: the connection closed
+        head, _, answer = second.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 500") and b"connection: close" in head.lower(), (second[:300], waited)
+        error = json.loads(answer)["error"]
     assert "shutting down" in error["message"] and error["type"] == "server_error", error
     assert status == 0, srv.log()
