@@ -219,8 +219,9 @@ class NanoqwenWorker(GeventWorker):
       closes the connection, as one before a large body does: the client sends the body or not, as it likes.
     - on SIGTERM or at --max-requests, keep-alive connections close 1 s after the stop or after their requests
       end (STOPPING_WAIT_S), and streams still running just before the grace period ends are failed so that they
-      end with an error event, not a cut; requests answered while the model loads do not count towards
-      --max-requests, nor those the app answered "loading" (its LOADING_ANSWER) where it loaded by their end.
+      end with an error event, not a cut, as are those begun after that (a kept-alive connection's next request);
+      requests answered while the model loads do not count towards --max-requests, nor those the app answered
+      "loading" (its LOADING_ANSWER) where it loaded by their end.
     - with every connection slot taken and a client waiting to connect, the connection idle longest is closed
       (_make_room).
     - a worker whose model loads stays off the shared listening socket while another worker serves
@@ -612,4 +613,4 @@ class NanoqwenWorker(GeventWorker):
         gevent.sleep(grace - min(1.5, grace / 2))
         from nanoqwen.wsgi import engine
 
-        engine.fail_all(SHUTDOWN_MESSAGE)
+        engine.fail_all(SHUTDOWN_MESSAGE, later_too=True)

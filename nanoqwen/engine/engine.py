@@ -62,6 +62,7 @@ class Engine:
         self._num_queued = 0
         self._allowed: tuple[list[int] | None, torch.Tensor | None] = (None, None)  # see allowed_mask
         self._stopping = False
+        self._failing: str | None = None  # what every request submitted from now on ends with (fail_all's later_too)
         self._started = False
         self._stopped = NativeEvent()
         self._stopped.set()  # until start(): shutdown has no thread to wait for
@@ -313,8 +314,12 @@ class Engine:
         self._inbox.append(("abort", request_id))
         self._wakeup.set()
 
-    def fail_all(self, message: str) -> None:
-        """Ends every request, queued or running, with an error event carrying `message`."""
+    def fail_all(self, message: str, later_too: bool = False) -> None:
+        """Ends every request, queued or running, with an error event carrying `message`; `later_too`: every request
+        submitted after it as well, as it arrives (a stopping worker's cut before its handlers are killed: a request
+        begun after it ran on, and was cut without its error)."""
+        if later_too:
+            self._failing = message
         self._inbox.append(("fail_all", message))
         self._wakeup.set()
 
@@ -364,6 +369,9 @@ class Engine:
         while self._inbox:
             kind, item = self._inbox.popleft()
             if kind == "submit":
+                if self._failing is not None:
+                    self._fail([request for request in item if request.request_id in self._requests], self._failing)
+                    continue
                 for request in item:
                     if request.request_id not in self._requests:
                         continue  # a fail_all queued between its registration and this item closed it already
