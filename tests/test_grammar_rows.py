@@ -1291,7 +1291,18 @@ def test_a_lark_body_nested_past_its_bound_is_refused_without_walking_it(monkeyp
 # weights row_weight and schema_weight give them.
 SEEDED_WEIGHTS = textwrap.dedent("""
     import random
+    import sys
+    import types
+    from pathlib import Path
+
+    import nanoqwen
+
+    # the weighing's modules without the package's __init__ (the engine, torch: ~5 s of each interpreter's start)
+    engine = types.ModuleType("nanoqwen.engine")
+    engine.__path__ = [str(Path(nanoqwen.__file__).parent / "engine")]
+    sys.modules["nanoqwen.engine"] = engine
     from nanoqwen.engine.grammar_rows import row_weight, schema_weight
+    assert "torch" not in sys.modules
 
     rng = random.Random(1)
     rules = []

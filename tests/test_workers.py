@@ -229,53 +229,62 @@ def test_linger_ends_at_its_deadline_even_inside_a_wait_and_when_the_client_goes
     assert 0.08 < _lingered_s(None) < 2.5
 
 
-def test_two_workers_share_the_socket_add_up_and_respawn_into_their_slot(tiny_checkpoint: Path, tmp_path: Path):
-    cpus = sorted(os.sched_getaffinity(0))
+def test_two_workers_share_the_socket_add_up_respawn_into_their_slot_and_serve_unable_to_write_their_run_directory(
+        tiny_checkpoint: Path, tmp_path: Path):
+    """Two workers' counts add up and a killed one respawns into its slot; then, on the same server (one start of two
+    workers, not two), _serve_unable_to_write_their_run_directory."""
     env = {"NANOQWEN_MODEL": str(tiny_checkpoint), **CPU}
     with GunicornServer(env, tmp_path / "gunicorn.log", args=("--workers", "2")) as srv:
-        workers = _both_ready(srv)
-        assert sorted(workers) == [0, 1]
-        shares = {slot: sorted(os.sched_getaffinity(w["pid"])) for slot, w in workers.items()}
-        assert shares == {slot: cpu_share(cpus, slot, 2) for slot in (0, 1)}
+        _share_the_socket_add_up_and_respawn_into_their_slot(srv)
+        _serve_unable_to_write_their_run_directory(srv)
 
-        with ThreadPoolExecutor(REQUESTS) as pool:
-            assert list(pool.map(lambda i: _chat(srv, i), range(REQUESTS))) == [MAX_TOKENS] * REQUESTS
 
-        stats = wait_logged(lambda: (s := _get(srv, "/stats").json())["requests_served"] == REQUESTS and s,
-                            "every worker's snapshot to include its requests", srv, timeout=10)
-        per_worker = stats["workers"]
-        assert all(w["requests_served"] > 0 for w in per_worker), per_worker  # both took requests
-        for key in ("requests_served", "total_tokens_generated", "total_prompt_tokens"):
-            assert stats[key] == sum(w[key] for w in per_worker)
-        assert stats["total_tokens_generated"] == REQUESTS * MAX_TOKENS
-        assert metric(srv, 'nanoqwen_requests_total{outcome="served"}') == REQUESTS
-        assert metric(srv, "nanoqwen_generation_tokens_total") == REQUESTS * MAX_TOKENS
-        # vLLM's series from the same counts, a series a worker as vLLM's per engine: both took requests
-        generated = _vllm_series(srv, "vllm:generation_tokens_total")
-        assert sorted(generated) == [(slot, MODEL, None) for slot in "01"]
-        assert all(generated.values()) and sum(generated.values()) == REQUESTS * MAX_TOKENS
-        assert sum(_vllm_series(srv, "vllm:request_success_total").values()) == REQUESTS
-        assert sum(_vllm_series(srv, "vllm:e2e_request_latency_seconds_count").values()) == REQUESTS
+def _share_the_socket_add_up_and_respawn_into_their_slot(srv: GunicornServer) -> None:
+    """From the server's start: every count is its requests'."""
+    cpus = sorted(os.sched_getaffinity(0))
+    workers = _both_ready(srv)
+    assert sorted(workers) == [0, 1]
+    shares = {slot: sorted(os.sched_getaffinity(w["pid"])) for slot, w in workers.items()}
+    assert shares == {slot: cpu_share(cpus, slot, 2) for slot in (0, 1)}
 
-        dead = workers[0]
-        os.kill(dead["pid"], signal.SIGKILL)
-        respawned = wait_logged(lambda: (w := _workers(srv)) and len(w) == 2 and w[0]["pid"] != dead["pid"] and w,
-                                "slot 0 to come back", srv)
-        assert sorted(os.sched_getaffinity(respawned[0]["pid"])) == shares[0]
-        assert respawned[1]["pid"] == workers[1]["pid"]
-        wait_logged(lambda: metric(srv, "nanoqwen_model_ready") == 2.0, "the respawned worker loaded", srv)
-        # /stats covers the live workers; Prometheus counters keep what the dead one served.
-        assert _get(srv, "/stats").json()["requests_served"] == per_worker[1]["requests_served"]
-        assert metric(srv, 'nanoqwen_requests_total{outcome="served"}') == REQUESTS
-        assert sum(_vllm_series(srv, "vllm:generation_tokens_total").values()) == REQUESTS * MAX_TOKENS
-        # ... folded into one archive of each kind by the master (nanoqwen.api.metric_archive), its own maps gone
-        maps = {path.name for path in (worker_run_dir(respawned[1]["pid"]) / "metrics").iterdir()}
-        assert {"counter_folded_1_0.db", "histogram_folded_1_0.db"} <= maps
-        assert not {f"counter_{dead['pid']}.db", f"histogram_{dead['pid']}.db"} & maps
-        # a live gauge: one series a slot, the dead worker's gone (no pid label)
-        assert sorted(_vllm_series(srv, "vllm:num_requests_running")) == \
-            [(slot, MODEL, None) for slot in "01"]
-        assert f"worker {respawned[0]['pid']}: slot 0, cpu on cores" in srv.log()
+    with ThreadPoolExecutor(REQUESTS) as pool:
+        assert list(pool.map(lambda i: _chat(srv, i), range(REQUESTS))) == [MAX_TOKENS] * REQUESTS
+
+    stats = wait_logged(lambda: (s := _get(srv, "/stats").json())["requests_served"] == REQUESTS and s,
+                        "every worker's snapshot to include its requests", srv, timeout=10)
+    per_worker = stats["workers"]
+    assert all(w["requests_served"] > 0 for w in per_worker), per_worker  # both took requests
+    for key in ("requests_served", "total_tokens_generated", "total_prompt_tokens"):
+        assert stats[key] == sum(w[key] for w in per_worker)
+    assert stats["total_tokens_generated"] == REQUESTS * MAX_TOKENS
+    assert metric(srv, 'nanoqwen_requests_total{outcome="served"}') == REQUESTS
+    assert metric(srv, "nanoqwen_generation_tokens_total") == REQUESTS * MAX_TOKENS
+    # vLLM's series from the same counts, a series a worker as vLLM's per engine: both took requests
+    generated = _vllm_series(srv, "vllm:generation_tokens_total")
+    assert sorted(generated) == [(slot, MODEL, None) for slot in "01"]
+    assert all(generated.values()) and sum(generated.values()) == REQUESTS * MAX_TOKENS
+    assert sum(_vllm_series(srv, "vllm:request_success_total").values()) == REQUESTS
+    assert sum(_vllm_series(srv, "vllm:e2e_request_latency_seconds_count").values()) == REQUESTS
+
+    dead = workers[0]
+    os.kill(dead["pid"], signal.SIGKILL)
+    respawned = wait_logged(lambda: (w := _workers(srv)) and len(w) == 2 and w[0]["pid"] != dead["pid"] and w,
+                            "slot 0 to come back", srv)
+    assert sorted(os.sched_getaffinity(respawned[0]["pid"])) == shares[0]
+    assert respawned[1]["pid"] == workers[1]["pid"]
+    wait_logged(lambda: metric(srv, "nanoqwen_model_ready") == 2.0, "the respawned worker loaded", srv)
+    # /stats covers the live workers; Prometheus counters keep what the dead one served.
+    assert _get(srv, "/stats").json()["requests_served"] == per_worker[1]["requests_served"]
+    assert metric(srv, 'nanoqwen_requests_total{outcome="served"}') == REQUESTS
+    assert sum(_vllm_series(srv, "vllm:generation_tokens_total").values()) == REQUESTS * MAX_TOKENS
+    # ... folded into one archive of each kind by the master (nanoqwen.api.metric_archive), its own maps gone
+    maps = {path.name for path in (worker_run_dir(respawned[1]["pid"]) / "metrics").iterdir()}
+    assert {"counter_folded_1_0.db", "histogram_folded_1_0.db"} <= maps
+    assert not {f"counter_{dead['pid']}.db", f"histogram_{dead['pid']}.db"} & maps
+    # a live gauge: one series a slot, the dead worker's gone (no pid label)
+    assert sorted(_vllm_series(srv, "vllm:num_requests_running")) == \
+        [(slot, MODEL, None) for slot in "01"]
+    assert f"worker {respawned[0]['pid']}: slot 0, cpu on cores" in srv.log()
 
 
 def _answered(srv: GunicornServer) -> str:
@@ -359,61 +368,63 @@ def test_preloaded_workers_still_get_their_own_slot(tiny_checkpoint: Path, tmp_p
             [(slot, MODEL, None) for slot in "01"]
 
 
-def test_workers_serve_and_answer_stats_with_a_run_directory_they_cannot_write(tiny_checkpoint: Path,
-                                                                              tmp_path: Path):
+def _serve_unable_to_write_their_run_directory(srv: GunicornServer) -> None:
     """Every worker's snapshot unwritable (a directory where its temporary file goes), their last ones readable:
     /stats answers each time, every worker in it (this worker's own figures live). Then a worker respawned into a run
     directory where its metrics' maps cannot be made (the metrics directory a file here; a full $TMPDIR alike: ENOSPC,
     where it was a SIGBUS): it boots and serves, /metrics answers 503 `stats_unavailable` at both workers; once the
-    directory is back its maps are made with everything it recorded meanwhile."""
-    env = {"NANOQWEN_MODEL": str(tiny_checkpoint), **CPU}
-    with GunicornServer(env, tmp_path / "gunicorn.log", args=("--workers", "2")) as srv:
-        workers = _both_ready(srv)
-        run_dir = worker_run_dir(workers[0]["pid"])
-        blocked = [shared_stats.snapshot_path(run_dir, w["pid"]).with_suffix(".tmp") for w in workers.values()]
-        for path in blocked:
-            path.mkdir()
-        time.sleep(3 * shared_stats.PUBLISH_S)
-        for _ in range(10):
-            response = requests.get(f"{srv.url}/stats", timeout=10)
-            assert response.status_code == 200, response.text
-            assert {w["slot"]: w["pid"] for w in response.json()["workers"]} == {0: workers[0]["pid"],
-                                                                                  1: workers[1]["pid"]}
-        for path in blocked:
-            path.rmdir()
+    directory is back its maps are made with everything it recorded meanwhile. Counts as deltas from its start (the
+    server has served and respawned before)."""
+    workers = _both_ready(srv)
+    served_before = _get(srv, "/stats").json()["requests_served"]  # the live workers'
+    counted_before = metric(srv, 'nanoqwen_requests_total{outcome="served"}')  # the dead ones' too
+    readies = srv.log().count("ready: model=")
+    run_dir = worker_run_dir(workers[0]["pid"])
+    blocked = [shared_stats.snapshot_path(run_dir, w["pid"]).with_suffix(".tmp") for w in workers.values()]
+    for path in blocked:
+        path.mkdir()
+    time.sleep(3 * shared_stats.PUBLISH_S)
+    for _ in range(10):
+        response = requests.get(f"{srv.url}/stats", timeout=10)
+        assert response.status_code == 200, response.text
+        assert {w["slot"]: w["pid"] for w in response.json()["workers"]} == {0: workers[0]["pid"],
+                                                                              1: workers[1]["pid"]}
+    for path in blocked:
+        path.rmdir()
 
-        served = sum(_chat(srv, i) > 0 for i in range(2))
-        wait_logged(lambda: _get(srv, "/stats").json()["requests_served"] == served, "both requests published", srv,
-                    timeout=10)  # a worker's per-token counts since its last publish die with it
-        metrics_dir = run_dir / "metrics"
-        moved = metrics_dir.with_name("metrics.moved")
-        metrics_dir.rename(moved)
-        metrics_dir.write_text("not a directory")
-        os.kill(workers[0]["pid"], signal.SIGKILL)
-        respawned = wait_logged(lambda: (w := _workers(srv)) and w.get(0, workers[0])["pid"] != workers[0]["pid"] and w,
-                                "slot 0 to come back", srv)[0]["pid"]
-        wait_logged(lambda: srv.log().count("ready: model=") == 3, "the respawned worker loaded", srv)
-        with ThreadPoolExecutor(REQUESTS) as pool:
-            assert list(pool.map(lambda i: _chat(srv, i), range(REQUESTS))) == [MAX_TOKENS] * REQUESTS
-        served += REQUESTS
-        for _ in range(10):
-            response = requests.get(f"{srv.url}/metrics", timeout=10)
-            # the respawned worker's maps cannot be made, the other's directory is not one: neither counts every worker
-            assert (response.status_code, response.json()["error"]["code"]) == (503, "stats_unavailable"), response.text
-        metrics_dir.unlink()
-        moved.rename(metrics_dir)
+    served = sum(_chat(srv, i) > 0 for i in range(2))
+    # a worker's per-token counts since its last publish die with it
+    wait_logged(lambda: _get(srv, "/stats").json()["requests_served"] == served_before + served,
+                "both requests published", srv, timeout=10)
+    metrics_dir = run_dir / "metrics"
+    moved = metrics_dir.with_name("metrics.moved")
+    metrics_dir.rename(moved)
+    metrics_dir.write_text("not a directory")
+    os.kill(workers[0]["pid"], signal.SIGKILL)
+    respawned = wait_logged(lambda: (w := _workers(srv)) and w.get(0, workers[0])["pid"] != workers[0]["pid"] and w,
+                            "slot 0 to come back", srv)[0]["pid"]
+    wait_logged(lambda: srv.log().count("ready: model=") == readies + 1, "the respawned worker loaded", srv)
+    with ThreadPoolExecutor(REQUESTS) as pool:
+        assert list(pool.map(lambda i: _chat(srv, i), range(REQUESTS))) == [MAX_TOKENS] * REQUESTS
+    served += REQUESTS
+    for _ in range(10):
+        response = requests.get(f"{srv.url}/metrics", timeout=10)
+        # the respawned worker's maps cannot be made, the other's directory is not one: neither counts every worker
+        assert (response.status_code, response.json()["error"]["code"]) == (503, "stats_unavailable"), response.text
+    metrics_dir.unlink()
+    moved.rename(metrics_dir)
 
-        wait_logged(lambda: metric(srv, 'nanoqwen_requests_total{outcome="served"}') == served,
-                    "every request counted, the respawned worker's included", srv, timeout=10)
-        # the count above may be the sibling's alone (the respawned one took none of the requests): its maps are made
-        # at its first publish since
-        wait_logged(lambda: f'nanoqwen_kv_cache_usage{{pid="{respawned}"}}' in _get(srv, "/metrics").text,
-                    "the respawned worker's gauges", srv, timeout=10)
-        # a scrape may make the maps before the worker's loop tries again and says so
-        again = f"worker {respawned}: its statistics are published again"
-        log = wait_logged(lambda: again in (log := srv.log()) and log, "the worker's loop to publish again", srv,
-                          timeout=10)
-        assert f"worker {respawned}: its statistics are not published" in log and "Traceback" not in log
+    wait_logged(lambda: metric(srv, 'nanoqwen_requests_total{outcome="served"}') == counted_before + served,
+                "every request counted, the respawned worker's included", srv, timeout=10)
+    # the count above may be the sibling's alone (the respawned one took none of the requests): its maps are made
+    # at its first publish since
+    wait_logged(lambda: f'nanoqwen_kv_cache_usage{{pid="{respawned}"}}' in _get(srv, "/metrics").text,
+                "the respawned worker's gauges", srv, timeout=10)
+    # a scrape may make the maps before the worker's loop tries again and says so
+    again = f"worker {respawned}: its statistics are published again"
+    log = wait_logged(lambda: again in (log := srv.log()) and log, "the worker's loop to publish again", srv,
+                      timeout=10)
+    assert f"worker {respawned}: its statistics are not published" in log and "Traceback" not in log
 
 
 def test_a_scrape_reads_the_maps_off_the_event_loop(tiny_checkpoint: Path, tmp_path: Path) -> None:
