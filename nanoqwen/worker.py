@@ -34,7 +34,7 @@ from gunicorn.http.wsgi import Response
 from gunicorn.workers import ggevent
 from gunicorn.workers.ggevent import GeventWorker
 
-from nanoqwen.api.body import CLIENT_CLOSED, CLIENT_GONE, CLOSE_CONNECTION, LOADING_ANSWER, READ_CHUNK
+from nanoqwen.api.body import CLIENT_CLOSED, CLIENT_GONE, CLOSE_CONNECTION, READ_CHUNK
 from nanoqwen.api.errors import error_body
 from nanoqwen.api.shared_stats import PUBLISH_S, forgotten
 from nanoqwen.boot_signals import exit_on_stop_signals
@@ -220,8 +220,8 @@ class NanoqwenWorker(GeventWorker):
     - on SIGTERM or at --max-requests, keep-alive connections close 1 s after the stop or after their requests
       end (STOPPING_WAIT_S), and streams still running just before the grace period ends are failed so that they
       end with an error event, not a cut, as are those begun after that (a kept-alive connection's next request);
-      requests answered while the model loads do not count towards --max-requests, nor those the app answered
-      "loading" (its LOADING_ANSWER) where it loaded by their end.
+      requests answered while the model loads do not count towards --max-requests, nor those the app began to answer
+      while it loaded where it loaded by their end.
     - with every connection slot taken and a client waiting to connect, the connection idle longest is closed
       (_make_room).
     - a worker whose model loads stays off the shared listening socket while another worker serves
@@ -259,7 +259,7 @@ class NanoqwenWorker(GeventWorker):
         self._pools: list[Pool] = []  # each listener's connections (worker_connections of them)
         self._unread: set[gevent.Greenlet] = set()  # requests answered before their body was read: linger after
         self._expecting: set[gevent.Greenlet] = set()  # requests whose `100 Continue` waits for the app's read
-        self._answered_loading: set[gevent.Greenlet] = set()  # requests the app answered as the model loads
+        self._app_began_loading: set[gevent.Greenlet] = set()  # requests the app began to answer as the model loads
         self._send_timeout_s = 0.0  # the app's ServerConfig.send_timeout_s, read in run() once the app is imported
         self._engine: Engine  # the app's, set in run() once the app is imported
         self._stats: ServerStats  # the app's, set in run() once the app is imported
@@ -344,11 +344,12 @@ class NanoqwenWorker(GeventWorker):
         finally:
             if loading:  # and not twice: gunicorn refuses some requests before it counts them (a bad SCRIPT_NAME)
                 self.nr = max(self.nr, counted)
-                # loaded while it ran and answered as served (/health's 200), not as loading: `ready` also turns in
-                # the loading thread after a "loading" answer and before this look (under load, while it is written)
-                if self._engine.ready and current not in self._answered_loading:
+                # loaded before the app began its answer: answered as served (/health's 200). Not where the app
+                # began it loading: `ready` turns in the loading thread, also after a "loading" answer (or any other,
+                # /metrics') and before this look (under load, while it is written)
+                if self._engine.ready and current not in self._app_began_loading:
                     self._count_served()
-                self._answered_loading.discard(current)
+                self._app_began_loading.discard(current)
             self._unread.discard(current)
             self._expecting.discard(current)
 
@@ -422,9 +423,9 @@ class NanoqwenWorker(GeventWorker):
                 self._unread.add(gevent.getcurrent())
             return start_response(status, headers, exc_info)
 
+        if not self._engine.ready:  # not counted towards --max-requests though loaded by its end (handle_request)
+            self._app_began_loading.add(gevent.getcurrent())
         answer = self._app(environ, start)
-        if LOADING_ANSWER in environ:  # not counted towards --max-requests (handle_request)
-            self._answered_loading.add(gevent.getcurrent())
         if CLIENT_GONE in environ:  # nginx's 499 is for its log: it sends such a client nothing (a half-closed one
             if callable(close := getattr(answer, "close", None)):  # could read it)
                 close()

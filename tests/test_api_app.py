@@ -16,7 +16,7 @@ from werkzeug.test import EnvironBuilder
 
 from nanoqwen.api import strict_json
 from nanoqwen.api.app import create_app
-from nanoqwen.api.body import LOADING_ANSWER, READ_CHUNK, Body, parse_json, read_body
+from nanoqwen.api.body import READ_CHUNK, Body, parse_json, read_body
 from nanoqwen.api.config import ServerConfig
 from nanoqwen.api.errors import APIError
 from nanoqwen.api.strict_json import MAX_SEPARATORS
@@ -40,25 +40,6 @@ def test_loading(tmp_path: Path) -> None:
     assert client.post("/v1/chat/completions", json={"messages": []}).status_code == 400  # validated first
     assert client.get("/stats").json["active_requests"] == 0
     assert "nanoqwen_model_ready 0.0" in client.get("/metrics").text
-
-
-def test_the_answers_given_as_the_model_loads_are_marked_for_the_worker(tmp_path: Path) -> None:
-    """/health's "loading" and a route's 503 model_loading set LOADING_ANSWER in the environ (nanoqwen's worker does
-    not count them towards --max-requests); the other answers while it loads do not."""
-    app = create_app(Engine(EngineConfig(model=str(tmp_path))), ServerConfig())  # never started: still loading
-
-    def marked(method: str, path: str, body: object = None) -> tuple[str, bool]:
-        """Its status, and whether it was marked, in the environ given to the app (the test client's is a copy)."""
-        environ, statuses = EnvironBuilder(method=method, path=path, json=body).get_environ(), []
-        b"".join(app(environ, lambda status, headers, exc_info=None: statuses.append(status)))
-        return statuses[0].split()[0], LOADING_ANSWER in environ
-
-    assert [marked("GET", "/health"), marked("HEAD", "/health"), marked("POST", "/v1/chat/completions", CHAT),
-            marked("POST", "/v1/completions", {"prompt": "hi"}), marked("POST", "/tokenize", {"prompt": "hi"})] \
-        == [("503", True)] * 5
-    assert [marked("GET", "/metrics"), marked("GET", "/v1/models"), marked("GET", "/nowhere"),
-            marked("POST", "/v1/chat/completions", {"messages": []})] \
-        == [("200", False), ("200", False), ("404", False), ("400", False)]
 
 
 def test_load_failure(tmp_path: Path) -> None:

@@ -237,9 +237,10 @@ def _running(srv: GunicornServer) -> bool:
 
 
 def _health_status(srv: GunicornServer) -> str | None:
-    """/health's status; None while the master does not listen yet. The first waits in the backlog while the worker
-    imports (15-20 s at a load of 5-8: 10 s timed out, lane torch42; 30 s timed out at loads of 9-15, lane flake45)."""
-    with contextlib.suppress(requests.ConnectionError):
+    """/health's status; None while the master does not listen yet, or where no answer came in HEALTH_WAIT_S (the
+    caller's wait then says so, with the log). The first waits in the backlog while the worker imports (15-20 s at a
+    load of 5-8: 10 s timed out, lane torch42; 30 s timed out at loads of 9-15, lane flake45)."""
+    with contextlib.suppress(requests.ConnectionError, requests.ReadTimeout):
         return requests.get(f"{srv.url}/health", timeout=HEALTH_WAIT_S).json().get("status")
     return None
 
@@ -553,18 +554,22 @@ def test_a_request_begun_while_the_model_loads_and_answered_as_served_counts_tow
     assert "held until ready" in log.splitlines(), log  # it began while the model loaded
 
 
-def test_a_request_answered_loading_counts_not_towards_max_requests_where_the_model_loaded_by_its_end(
+def test_requests_the_app_began_while_loading_count_not_towards_max_requests_where_the_model_loaded_by_their_end(
         tiny_checkpoint, tmp_path):
-    """A /health answered "loading" whose worker found the model loaded at the request's end (the loading thread sets
-    `ready` in between: under load, while the answer is written) counted as one answered as served: the worker
-    restarted at its first request served, a request early (the test two above failed now and then in the suite).
-    tests/gunicorn_held_until_ready.py holds such a request after its answer until the model has loaded."""
+    """A /health answered "loading" (or a /metrics scrape answered while the model loaded) whose worker found the model
+    loaded at the request's end (the loading thread sets `ready` in between: under load, while the answer is written)
+    counted as one answered as served: the worker restarted at its first request served, a request early (the test
+    two above failed now and then in the suite). tests/gunicorn_held_until_ready.py holds such requests after their
+    answers until the model has loaded."""
     srv = _loading_with_holds(tiny_checkpoint, tmp_path)
     try:
-        held = requests.get(f"{srv.url}/health", headers={"X-Held-After-Its-Answer": "1"}, timeout=30)
-        assert held.status_code == 503 and held.json()["status"] == "loading", held.text
-        wait_logged(lambda: "loaded after its answer" in srv.log().splitlines(), "the held request's end", srv, 120,
-                    0.05)
+        held = {"X-Held-After-Its-Answer": "1"}
+        health = requests.get(f"{srv.url}/health", headers=held, timeout=30)
+        assert health.status_code == 503 and health.json()["status"] == "loading", health.text
+        metrics = requests.get(f"{srv.url}/metrics", headers=held, timeout=30)
+        assert metrics.ok and "nanoqwen_model_ready 0.0" in metrics.text, metrics.text
+        wait_logged(lambda: srv.log().splitlines().count("loaded after its answer") == 2, "the held requests' ends",
+                    srv, 120, 0.05)
         assert _health_status(srv) == "healthy"  # the first request served: not the worker's last
         assert "Autorestarting worker" not in srv.log(), srv.log()
         log = _restarted_by_a_completion(srv)  # the second

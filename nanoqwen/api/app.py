@@ -14,7 +14,7 @@ from werkzeug.exceptions import HTTPException, NotFound
 
 from nanoqwen.access_log import escaped
 from nanoqwen.api import request_id
-from nanoqwen.api.body import LOADING_ANSWER, ParsedBody, close_if_unread, read_body
+from nanoqwen.api.body import ParsedBody, close_if_unread, read_body
 from nanoqwen.api.chat import ChatService
 from nanoqwen.api.chat_stored_api import ChatStoredService
 from nanoqwen.api.completions import CompletionService
@@ -45,16 +45,6 @@ def _error_response(error: APIError) -> Response:
     response.status_code = error.status
     response.headers.update(error.headers)
     return response
-
-
-def _loading_answer(error: APIError) -> bool:
-    """Whether the answer to give is unavailable()'s while the model loads (/health's "loading", every route's 503
-    model_loading), marked so in the request's environ (LOADING_ANSWER): nanoqwen's worker does not count it towards
-    --max-requests even where the model has loaded by the request's end (the loading thread sets `ready` between this
-    answer and its count: under load, while the answer is written)."""
-    if loading := error.code == MODEL_LOADING:
-        request.environ[LOADING_ANSWER] = True
-    return loading
 
 
 MODEL_ROUTE = "/v1/models/"
@@ -278,7 +268,7 @@ def create_app(engine: Engine, config: ServerConfig) -> Flask:
     def health() -> tuple[dict[str, Any], int] | dict[str, Any]:
         uptime = time.time() - started
         if (error := unavailable(engine)) is not None:
-            status = "loading" if _loading_answer(error) else "error"
+            status = "loading" if error.code == MODEL_LOADING else "error"
             body = {"status": status, "uptime": uptime, "model_info": {"model_name": config.model_name}}
             if status == "error":  # the reason (which may name local paths) is in the log
                 body["error"] = "the model failed to load"
@@ -304,7 +294,6 @@ def create_app(engine: Engine, config: ServerConfig) -> Flask:
 
     @app.errorhandler(APIError)
     def api_error(exc: APIError) -> Response:
-        _loading_answer(exc)
         return _error_response(exc)
 
     @app.errorhandler(HTTPException)

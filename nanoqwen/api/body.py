@@ -23,9 +23,6 @@ CLOSE_CONNECTION = "nanoqwen.close_connection"
 CLIENT_CLOSED = 499
 # Set in the environ, to the request's id, where the client was taken for gone before its answer (nanoqwen.worker)
 CLIENT_GONE = "nanoqwen.client_gone"
-# Set in the environ where the answer is one because the model is still loading (nanoqwen.worker: not counted towards
-# --max-requests, though the model may have loaded by the request's end)
-LOADING_ANSWER = "nanoqwen.loading_answer"
 BODY_READ = "nanoqwen.body_read"  # set when the app reads the body
 # The codecs a body may be in, by Python's name; a client's charset maps to one through Python's own alias table
 # (utf_8, utf-16-le, l1, cp819, iso_8859-1:1987...) by dict lookups. Never codecs.lookup: it caches every name it
