@@ -78,6 +78,9 @@ def bench(quant: str, batch: int, args: argparse.Namespace) -> dict:
                 wall[way].append(time.perf_counter() - start)
                 cpu[way].append(time.thread_time() - c)
     assert torch.equal(eager[-1], replayed), "the replay's logits differ from the eager step's"
+    if (args.per_call or args.host) and batch not in runner.graphs._cpu_greedy:
+        raise SystemExit(f"--per-call/--host time the greedy step recorded whole: batch {batch}'s was not (its argmax "
+                         "is not capturable where the C sampler did not build)")
     with torch.inference_mode():
         breakdown = per_call(runner.graphs._cpu_greedy[batch][0], args.repeats) if args.per_call else []
     if args.host:

@@ -238,8 +238,8 @@ def test_replay_gives_the_eager_tokens_and_logprobs(tiny_checkpoint, quant, dtyp
 @needs_c_kernels
 def test_a_greedy_step_without_logprobs_leaves_the_fp32_logits_unwritten(tiny_checkpoint, monkeypatch):
     """bf16: the greedy recording a step without logprobs replays reads the LM head's logits as they are (no
-    bf16_to_fp32 pass); a step where a row wants logprobs replays the widening too. The eager step's tokens either way,
-    and its logprobs."""
+    bf16_to_fp32 pass); a step where a row wants logprobs, or one resampled (penalties, logit biases), replays the
+    widening too. The eager step's tokens either way, and its logprobs."""
     engine = cpugraph_engine(tiny_checkpoint, dtype="bfloat16")
     for bare, widened, _ in engine.runner.graphs._cpu_greedy.values():
         assert [fn.__name__ for fn, _ in bare.calls if fn.__name__ in ("bf16_to_fp32", "argmax_rows")] == [
@@ -254,12 +254,13 @@ def test_a_greedy_step_without_logprobs_leaves_the_fp32_logits_unwritten(tiny_ch
         return out
 
     monkeypatch.setattr(engine.runner.graphs, "run", run)
-    for params in (greedy(6), greedy(6, logprobs=True, top_logprobs=2)):
+    for params, bare in ((greedy(6), True), (greedy(6, logprobs=True, top_logprobs=2), False),
+                         (greedy(6, presence_penalty=1.5), False), (greedy(6, logit_bias={17: 5.0}), False)):
         logits.clear()
         got, want = ([(r.choices[0].token_ids, r.choices[0].logprobs) for r in generate(e, PROMPTS, params)]
                      for e in (engine, eager))
         assert got == want
-        assert {x is None for x in logits} == {not params.logprobs}
+        assert {x is None for x in logits} == {bare}
 
 
 @needs_c_kernels

@@ -326,16 +326,21 @@ def test_greedy_is_torch_argmax(use, vocab):
 @pytest.mark.parametrize("vocab", [37, 151936])
 def test_greedy_reads_bf16_logits_as_they_are(use, vocab):
     """A greedy step's argmax reads the LM head's bf16 logits, no fp32 copy made: the tokens of their widening's
-    argmax, ties (the first wins), an all -inf row (token 0) and a last token past the whole vectors included."""
+    argmax, ties (the first wins), an all -inf row (token 0) and a last token past the whole vectors included; NaNs
+    as the fp32 kernel takes them (never the maximum; an all-NaN row token 0)."""
     torch.manual_seed(vocab)
-    logits = (torch.randn(5, vocab) * 4).bfloat16()
+    logits = (torch.randn(7, vocab) * 4).bfloat16()
     logits[1, 3] = logits[1, vocab - 1] = logits[1].max() + 1
     logits[2] = -math.inf
     logits[3, vocab - 1] = 100.0
     logits[4, :vocab // 2] = logits[4].max()  # bf16's coarse values: many ties
-    expected = logits.float().argmax(dim=-1)
-    assert torch.equal(cpu_sample.argmax_rows_cpu(logits), expected)
-    assert torch.equal(sample(logits, rows(5, temperature=[0.0] * 5), "greedy"), expected)
+    logits[5, 0] = logits[5, vocab // 2] = logits[5, vocab - 1] = math.nan
+    logits[6] = math.nan
+    expected = logits[:5].float().argmax(dim=-1)
+    widened = cpu_sample.argmax_rows_cpu(logits.float())
+    assert torch.equal(widened[:5], expected) and widened[6] == 0
+    assert torch.equal(cpu_sample.argmax_rows_cpu(logits), widened)
+    assert torch.equal(sample(logits, rows(7, temperature=[0.0] * 7), "greedy"), widened)
     with pytest.raises(ValueError, match="float16"):
         cpu_sample.argmax_rows_cpu(logits.half())
 

@@ -130,9 +130,9 @@ static int race_winner(const struct race *r, int n) {
     return best;
 }
 
-/* The first maximum of x / t (x a bf16 row where bf16, else fp32), as torch.argmax: with t = 1 the greedy token; else the first token of the
-   filters' order (scaled logit descending, id ascending), which survives every filter. Two races, 16 tokens
-   a step: one race's compare-and-blend chain bounded the loop (151,936 logits: 50 vs 29 µs). */
+/* The first maximum of x / t (x a bf16 row where bf16, else fp32), as torch.argmax: with t = 1 the greedy token;
+   else the first token of the filters' order (scaled logit descending, id ascending), which survives every filter.
+   Two races, 16 tokens a step: one race's compare-and-blend chain bounded the loop (151,936 logits: 50 vs 29 µs). */
 static inline __attribute__((always_inline)) int first_max(const void *x, int bf16, int V, float t) {
     struct race r[2] = {{_mm256_set1_ps(-INFINITY), _mm256_setzero_si256()},
                         {_mm256_set1_ps(-INFINITY), _mm256_setzero_si256()}};
