@@ -99,8 +99,8 @@ typedef int (*pool_stage_fn)(const void *job, long row);
 
 /* A job's staging: its first `rows` chunks (0: none, the caller staged what there was before the job), a row each. */
 struct pool_stage {
-    const void *x;  /* the rows staged */
-    int *flags;     /* [rows]: each row's stage */
+    const void *x;  /* the rows staged (read by the job's pool_stage_fn) */
+    int *flags;     /* [rows]: what each row's pool_stage_fn returned */
     long rows;
     long *done;     /* staging chunks done */
 };
@@ -113,7 +113,7 @@ static inline int pool_stage_chunk(const struct pool_stage *s, pool_stage_fn sta
         __atomic_fetch_add(s->done, 1, __ATOMIC_RELEASE);
         return 1;
     }
-    pool_staged_wait(s->done, s->rows);
+    if (s->rows) pool_staged_wait(s->done, s->rows);  /* none: a job without staging reads no flag of it */
     *chunk -= s->rows;
     return 0;
 }
