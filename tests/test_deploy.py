@@ -27,6 +27,7 @@ import requests
 from chat_http import (
     HELD_S,
     MODEL,
+    assert_completions_greedy,
     cpu_env,
     health_polled,
     most_held,
@@ -40,6 +41,7 @@ from chat_http import (
 from checkpoints import TOKEN_IDS
 from engine_util import hf_greedy, shared_tokenizer
 from health_poll import reported_schedstat, schedstat
+from mode_checks import NEW_TOKENS, PROMPTS, reports_its_replay_and_serves_a_grammar
 from nanoqwen.api.config import ServerConfig
 from nanoqwen.config import resolve_threads
 from nanoqwen.sampler import MODES as SAMPLER_MODES
@@ -80,9 +82,12 @@ def test_compile_mode_compiles_at_load_and_streams_transformers_tokens(tiny_chec
     """Inductor compiles in the engine thread while the model loads, every sampler mode at one row and at more: after
     the ready line, a mix of greedy, top_k, sampled and filtered requests, alone and beside another stream, compiles
     nothing (/stats' graph_compiles stays the load's). Greedy A, then B joining it at two rows, are transformers'
-    tokens, A goes on after B is done, and /health stays fast meanwhile."""
+    tokens, A goes on after B is done, and /health stays fast meanwhile. Its 5-token step budget makes it
+    test_server_modes' chunked mode under torch.compile too (prompts split across steps beside decode rows): a batch
+    of three is transformers' tokens, and it answers what each of those modes' servers does (mode_checks)."""
     srv = GunicornServer(cpu_env(tiny_checkpoint, NANOQWEN_GRAPH="compile", NANOQWEN_KERNELS="torch",
-                                 NANOQWEN_MAX_BATCH="2"), tmp_path / "gunicorn.log").start()
+                                 NANOQWEN_MAX_BATCH="4", NANOQWEN_MAX_STEP_TOKENS="5"),
+                         tmp_path / "gunicorn.log").start()
     try:
         loaded = server_stats(srv)["graph_compiles"]
         client = srv.openai_client(timeout=300)
@@ -120,9 +125,11 @@ def test_compile_mode_compiles_at_load_and_streams_transformers_tokens(tiny_chec
         sampled(1)
         sampled(2, top_p=0.9, extra_body={"top_k": 5})
         after = server_stats(srv)["graph_compiles"]
+        assert_completions_greedy(srv, tiny_checkpoint, hf_model(tiny_checkpoint), PROMPTS, NEW_TOKENS)
+        reports_its_replay_and_serves_a_grammar(srv)
     finally:
         srv.stop()
-    assert "InductorError" not in srv.log() and "graph=compile" in srv.log()
+    assert "InductorError" not in srv.log() and " graph=compile " in srv.log() and " max_step_tokens=5 " in srv.log()
     # one row, then any more (marked dynamic), for each sampler mode; none in a request's time
     assert (loaded, first, after) == (2 * len(SAMPLER_MODES),) * 3
     assert "in a request's time" not in srv.log()

@@ -6,24 +6,20 @@ prefill_stall), and the decode steps replayed as recorded C calls (cpugraph: eac
 the ready line and /health say), also over a 2100-token context."""
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from pathlib import Path
 
-import openai
 import pytest
-import requests
 import torch
 
 from chat_http import MODEL, assert_completions_greedy, assert_serves_greedy, completion_texts, cpu_env
 from engine_util import shared_tokenizer
+from mode_checks import NEW_TOKENS, PROMPTS, reports_its_replay_and_serves_a_grammar
 from ops.cpu import build as cpu_build
 from server_process import GunicornServer
 
 pytestmark = pytest.mark.slow
 
-PROMPTS = [[9707, 1879, 11, 358, 1079], list(range(1000, 1037)), [151644, 872, 198]]
-NEW_TOKENS = 8
 needs_c_kernels = pytest.mark.skipif(cpu_build.unavailable() is not None, reason=f"{cpu_build.unavailable()}")
 
 # over the 64-token budget: prefilled in paced chunks (32 tokens and up) while the others decode
@@ -36,8 +32,6 @@ LONG_PROMPTS = [list(range(3000, 5100)), PROMPTS[0]]
 # takes them (one server start, not two: a server per batch was the same code path)
 MODES = {
     "chunked": ({"NANOQWEN_MAX_STEP_TOKENS": "5"}, (" max_step_tokens=5 ",), [PROMPTS]),
-    "chunked-compile": ({"NANOQWEN_MAX_STEP_TOKENS": "5", "NANOQWEN_GRAPH": "compile", "NANOQWEN_KERNELS": "torch"},
-                        (" graph=compile ",), [PROMPTS]),
     # every step eager with the C kernels (graph none): the one server that serves them so
     "chunked-paced": ({"NANOQWEN_MAX_STEP_TOKENS": "64", "NANOQWEN_GRAPH": "none"},
                       (" max_step_tokens=64 ", " graph=none "), [PACED_PROMPTS]),
@@ -54,31 +48,7 @@ def test_mode_serves_transformers_greedy_tokens(
     extra, marker, batches = MODES[mode]
     env = cpu_env(tiny_checkpoint, NANOQWEN_MAX_BATCH="4", **extra)
     assert_serves_greedy(tiny_checkpoint, hf_model, env, tmp_path / "server.log", marker, batches, NEW_TOKENS,
-                         _reports_its_replay_and_serves_a_grammar)
-
-
-def _reports_its_replay_and_serves_a_grammar(srv: GunicornServer) -> None:
-    """/health says how each batch bucket's decode step runs: on cpugraph (max_batch 4) each of 1, 2 and 4 rows is one
-    call into csrc/replay.c (its recordings packed: test_cpu_graph's cpugraph_engine), in another mode none replays."""
-    info = requests.get(f"{srv.url}/health", timeout=10).json()["model_info"]
-    assert info["cpu_replay"] == ({"replay.c": [1, 2, 4]} if info["graph"] == "cpugraph" else None), info
-    _serves_a_grammar(srv)
-
-
-def _serves_a_grammar(srv: GunicornServer) -> None:
-    """Each mode's steps take their grammar masks from the mask thread: two constrained prompts in one step; a matcher
-    that errs mid-answer (`a{100000}`'s lexer, out of fuel after a token or two) fails its request with the 400
-    naming its field, in each mode's step, and the next is served."""
-    client = srv.openai_client(timeout=300)
-    for _ in range(2):
-        texts = [c.text for c in client.completions.create(
-            model=MODEL, prompt=[PROMPTS[0]] * 2, max_tokens=8, temperature=0, n=1,
-            extra_body={"structured_outputs": {"regex": "[ab]{2,4}x"}}).choices]
-        assert len(texts) == 2 and all(re.fullmatch("[ab]{2,4}x", text) for text in texts), texts
-        with pytest.raises(openai.BadRequestError) as failed:
-            client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=8, temperature=0,
-                                      extra_body={"structured_outputs": {"regex": "a{100000}"}})
-        assert failed.value.body["param"] == "structured_outputs.regex", failed.value.body
+                         reports_its_replay_and_serves_a_grammar)
 
 
 def test_torch_reference_ops_serve_penalised_requests_as_transformers(
