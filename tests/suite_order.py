@@ -9,9 +9,9 @@ from collections.abc import Sequence
 
 # Longest first, roughly: by their seconds in one process on the 2-core Zen 3 at load 7-14 (profiles/RESULTS.md,
 # thirty-ninth session, lanes suite39 and suite39b: quieter figures order some differently; test_workers.py up since
-# its respawn test, 44 s, in the forty-third; test_triton_versions.py down from ~67 s to ~40 s in the forty-fifth, lane
-# suite45; test_deploy.py first, test_server_modes.py down ~23 s, its compile-mode server folded into test_deploy's,
-# lane suite45b); a file not named goes after them, in xdist's order
+# its respawn test, 44 s, in the forty-third; test_triton_versions.py down from ~66 s (suite44's figure) to ~40 s in
+# the forty-fifth, lane suite45; test_deploy.py first, test_server_modes.py down ~23 s, its compile-mode server folded
+# into test_deploy's, lane suite45b); a file not named goes after them, in xdist's order
 LONGEST_FIRST = (
     "test_deploy.py", "test_server_modes.py", "test_server_structured.py", "test_workers.py", "test_cpu_graph.py",
     "test_server_quant_bf16.py", "test_server.py", "test_server_triton.py", "test_triton_versions.py",

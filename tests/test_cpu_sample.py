@@ -339,6 +339,7 @@ def test_greedy_reads_bf16_logits_as_they_are(use, vocab):
     expected = logits[:5].float().argmax(dim=-1)
     widened = cpu_sample.argmax_rows_cpu(logits.float())
     assert torch.equal(widened[:5], expected) and widened[6] == 0
+    assert widened[5] == logits[5].float().nan_to_num(-math.inf).argmax()
     assert torch.equal(cpu_sample.argmax_rows_cpu(logits), widened)
     assert torch.equal(sample(logits, rows(7, temperature=[0.0] * 7), "greedy"), widened)
     with pytest.raises(ValueError, match="float16"):

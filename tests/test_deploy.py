@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import fields
 from functools import partial
 from pathlib import Path
@@ -502,12 +503,10 @@ def test_requests_answered_while_the_model_loads_do_not_count_towards_max_reques
                          args=["--max-requests", "2"]).launch()
     try:
         loading, deadline = 0, time.monotonic() + 120
-        while True:
+        while (status := _health_status(srv)) != "healthy":
             assert time.monotonic() < deadline and srv._proc.poll() is None, srv.log()
-            with contextlib.suppress(requests.ConnectionError):  # before the master listens
-                if (answer := requests.get(f"{srv.url}/health", timeout=HEALTH_WAIT_S)).status_code == 200:
-                    break
-                assert answer.json()["status"] == "loading", answer.text
+            if status is not None:  # None: before the master listens
+                assert status == "loading", status
                 loading += 1
             time.sleep(0.005)
         assert loading > 2, "the model loaded before the polls could reach the worker's max_requests"
@@ -524,18 +523,18 @@ def test_requests_answered_while_the_model_loads_do_not_count_towards_max_reques
     assert log.count("Autorestarting worker") == 1 and "before its model loaded" not in log, log
 
 
-def _loading_with_holds(tiny_checkpoint: Path, tmp_path: Path) -> GunicornServer:
+@contextlib.contextmanager
+def _loading_with_holds(tiny_checkpoint: Path, tmp_path: Path) -> Iterator[GunicornServer]:
     """A lone worker under --max-requests 2 and tests/gunicorn_held_until_ready.py's holds, once /health says
-    "loading"."""
+    "loading"; stopped at the end."""
     config = Path(__file__).with_name("gunicorn_held_until_ready.py")
     srv = GunicornServer(cpu_env(tiny_checkpoint, NANOQWEN_QUANT="int8"), tmp_path / "gunicorn.log",
                          args=["-c", str(config), "--max-requests", "2"]).launch()
     try:
         wait_logged(lambda: _running(srv) and _health_status(srv) == "loading", '/health "loading"', srv, 120, 0.005)
-    except BaseException:
+        yield srv
+    finally:
         srv.stop()
-        raise
-    return srv
 
 
 def _restarted_by_a_completion(srv: GunicornServer) -> str:
@@ -551,13 +550,10 @@ def test_a_request_begun_while_the_model_loads_and_answered_as_served_counts_tow
     """A request that began while the model loaded but was answered once it had (/health's 200) counted as one
     answered while loading: the worker restarted a request late (the test above waited 120 s for it, failed).
     tests/gunicorn_held_until_ready.py holds such a request from the worker's look until the model has loaded."""
-    srv = _loading_with_holds(tiny_checkpoint, tmp_path)
-    try:
+    with _loading_with_holds(tiny_checkpoint, tmp_path) as srv:
         held = requests.get(f"{srv.url}/health", headers={"X-Held-Until-Ready": "1"}, timeout=120)
         assert held.status_code == 200, held.text
         log = _restarted_by_a_completion(srv)  # the second request since ready
-    finally:
-        srv.stop()
     assert "held until ready" in log.splitlines(), log  # it began while the model loaded
 
 
@@ -568,8 +564,7 @@ def test_requests_the_app_began_while_loading_count_not_towards_max_requests_whe
     counted as one answered as served: the worker restarted at its first request served, a request early (the test
     two above failed now and then in the suite). tests/gunicorn_held_until_ready.py holds such requests after their
     answers until the model has loaded."""
-    srv = _loading_with_holds(tiny_checkpoint, tmp_path)
-    try:
+    with _loading_with_holds(tiny_checkpoint, tmp_path) as srv:
         held = {"X-Held-After-Its-Answer": "1"}
         health = requests.get(f"{srv.url}/health", headers=held, timeout=30)
         assert health.status_code == 503 and health.json()["status"] == "loading", health.text
@@ -580,8 +575,6 @@ def test_requests_the_app_began_while_loading_count_not_towards_max_requests_whe
         assert _health_status(srv) == "healthy"  # the first request served: not the worker's last
         assert "Autorestarting worker" not in srv.log(), srv.log()
         log = _restarted_by_a_completion(srv)  # the second
-    finally:
-        srv.stop()
     assert log.count("Autorestarting worker") == 1, log
 
 

@@ -6,7 +6,7 @@ Triton does both in every run, every case of tests/test_kernels.py; the oldest d
 it, in a folder of its own that PYTHONPATH puts first: `pip install --target .cache/triton-3.6 triton==3.6.0`
 (about 640 MB; NANOQWEN_OLDEST_TRITON names another folder), each kernel test in one case per dtype (ONE_CASE_EACH).
 It is a separate install because pip holds one version per environment, and CI can afford it once per run: one wheel
-download, ~20 s of tests.
+download, ~30-40 s of tests on 2 cores.
 """
 from __future__ import annotations
 

@@ -120,8 +120,9 @@ class GraphRunner:
     def _capture_cpu(self, buckets: list[int], width: int) -> None:
         """One recording per bucket, whatever the sampler mode: the C kernels read the block tables only
         up to each row's context length, so the full width serves every step; where the greedy argmax
-        is a C call, a second one of the greedy step whole. A bucket whose step computes with torch
-        (more rows than a C linear takes) stays eager."""
+        is a C call, the greedy step whole twice: bare (a step no row wants the logits of, run(logits_wanted=False))
+        and with the logits' widening. A bucket whose step computes with torch (more rows than a C linear takes)
+        stays eager."""
         for bucket in buckets:
             inputs = self._inputs(bucket, width)
             try:

@@ -113,7 +113,7 @@ static inline int pool_stage_chunk(const struct pool_stage *s, pool_stage_fn sta
         __atomic_fetch_add(s->done, 1, __ATOMIC_RELEASE);
         return 1;
     }
-    if (s->rows) pool_staged_wait(s->done, s->rows);  /* none: a job without staging reads no flag of it */
+    if (s->rows) pool_staged_wait(s->done, s->rows);  /* none: a job without staging reads no staging counter */
     *chunk -= s->rows;
     return 0;
 }

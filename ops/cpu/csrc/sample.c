@@ -97,9 +97,9 @@ static inline __m256 logits8(const void *x, int bf16, int i, int V) {
     return _mm256_loadu_ps(pad);
 }
 
-/* 8 scaled logits from token i on; lanes past V read -inf. */
-static inline __m256 scaled8(const float *x, int i, int V, __m256 t) {
-    return _mm256_div_ps(logits8(x, 0, i, V), t);
+/* 8 scaled logits from token i on (x bf16 where bf16, else fp32); lanes past V read -inf. */
+static inline __m256 scaled8(const void *x, int bf16, int i, int V, __m256 t) {
+    return _mm256_div_ps(logits8(x, bf16, i, V), t);
 }
 
 /* Per-lane race leaders: a lane keeps its first maximum; the winner is the lowest id among the best. */
@@ -139,10 +139,10 @@ static inline __attribute__((always_inline)) int first_max(const void *x, int bf
     const __m256 tv = _mm256_set1_ps(t);
     int i = 0;
     for (; i + 16 <= V; i += 16) {
-        race_add(&r[0], _mm256_div_ps(logits8(x, bf16, i, V), tv), iota8(i));
-        race_add(&r[1], _mm256_div_ps(logits8(x, bf16, i + 8, V), tv), iota8(i + 8));
+        race_add(&r[0], scaled8(x, bf16, i, V, tv), iota8(i));
+        race_add(&r[1], scaled8(x, bf16, i + 8, V, tv), iota8(i + 8));
     }
-    for (; i < V; i += 8) race_add(&r[0], _mm256_div_ps(logits8(x, bf16, i, V), tv), iota8(i));
+    for (; i < V; i += 8) race_add(&r[0], scaled8(x, bf16, i, V, tv), iota8(i));
     const int best = race_winner(r, 2);
     return best < 0 ? 0 : best;
 }
@@ -189,7 +189,7 @@ static int race(const float *x, int V, float t, uint32_t row, int top, const str
                          : _mm256_sub_ps(smax, log_noise8(noise_bits8(row, _mm256_set1_epi32(top))));
     struct race r = {_mm256_set1_ps(-INFINITY), _mm256_setzero_si256()};
     for (int i = 0; i < V; i += 8) {
-        __m256 s = scaled8(x, i, V, tv);
+        __m256 s = scaled8(x, 0, i, V, tv);
         __m256i ids = iota8(i);
         __m256i bits = noise_bits8(row, ids);
         __m256 live = _mm256_cmp_ps(_mm256_add_ps(s, noise_bound8(bits)), bar, _CMP_GE_OQ);
@@ -306,7 +306,7 @@ static long top_candidates(const float *x, int V, __m256 tv, int k, uint64_t *ke
     __m256 bar_s = _mm256_set1_ps(-INFINITY);
     long n = 0;
     for (int i = 0; i < V; i += 8) {
-        __m256 s = scaled8(x, i, V, tv);
+        __m256 s = scaled8(x, 0, i, V, tv);
         int in = _mm256_movemask_ps(_mm256_cmp_ps(s, bar_s, _CMP_GE_OQ));
         if (!in) continue;
         float sv[8];
@@ -389,7 +389,7 @@ static int race_filtered(const float *x, int V, float t, uint32_t row, const str
     double mass[BINS] = {0};
     const int weighed = f->top_p < 1;
     for (int i = 0; i < V; i += 8) {
-        __m256 s = scaled8(x, i, V, tv);
+        __m256 s = scaled8(x, 0, i, V, tv);
         int32_t bin[8];
         float w[8];
         _mm256_storeu_si256((__m256i *)bin, bins8(s, smax));
@@ -409,7 +409,7 @@ static int race_filtered(const float *x, int V, float t, uint32_t row, const str
     }
     const __m256i lo = _mm256_set1_epi32(k.lo - 1), hi = _mm256_set1_epi32(k.hi + 1);
     for (int i = 0; i < V; i += 8) {
-        __m256 s = scaled8(x, i, V, tv);
+        __m256 s = scaled8(x, 0, i, V, tv);
         __m256i bin = bins8(s, smax);
         int in = _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_and_si256(_mm256_cmpgt_epi32(bin, lo),
                                                                           _mm256_cmpgt_epi32(hi, bin))));
