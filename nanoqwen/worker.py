@@ -219,7 +219,8 @@ class NanoqwenWorker(GeventWorker):
       closes the connection, as one before a large body does: the client sends the body or not, as it likes.
     - on SIGTERM or at --max-requests, keep-alive connections close 1 s after the stop or after their requests
       end (STOPPING_WAIT_S), and streams still running just before the grace period ends are failed so that they
-      end with an error event, not a cut, as are those begun after that (a kept-alive connection's next request);
+      end with an error event, not a cut; a request begun after that (a kept-alive connection's next one) is refused
+      a 503 `server_shutting_down` before any head, which nginx and openai's client retry elsewhere;
       requests answered while the model loads do not count towards --max-requests, nor those the app began to answer
       while it loaded where it loaded by their end.
     - with every connection slot taken and a client waiting to connect, the connection idle longest is closed
@@ -614,4 +615,4 @@ class NanoqwenWorker(GeventWorker):
         gevent.sleep(grace - min(1.5, grace / 2))
         from nanoqwen.wsgi import engine
 
-        engine.fail_all(SHUTDOWN_MESSAGE, later_too=True)
+        engine.fail_all(SHUTDOWN_MESSAGE, refuse_later=True)

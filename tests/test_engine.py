@@ -23,7 +23,7 @@ from engine_util import (
     started_engine,
 )
 from nanoqwen.engine import Engine, EngineConfig, SamplingParams
-from nanoqwen.engine.engine import PromptTooLongError, QueueFullError
+from nanoqwen.engine.engine import PromptTooLongError, QueueFullError, ShuttingDownError
 from nanoqwen.engine.stream import EventStream
 from nanoqwen.engine.validation import InvalidRequest
 
@@ -393,6 +393,34 @@ def test_a_fail_all_between_a_requests_registration_and_its_queueing_leaves_it_e
     result = collect(stream)
     assert result.error == "stopping" and result.choices[0].token_ids == []
     assert (engine.stats()["queue_length"], engine.stats()["active_requests"]) == (0, 0)
+
+
+def test_a_fail_all_refusing_later_requests_ends_those_taken_and_refuses_the_next(tiny_checkpoint):
+    """A stopping worker's cut (fail_all with refuse_later) ends the running and the queued requests with its error;
+    a request submitted after it, before or after the engine took the fail_all in, is refused at once (a 503 the
+    client retries elsewhere), queued and counted nowhere: it was accepted, then failed with the running ones' error
+    (a 500, or a stream's error event after its 200 head, neither retried). A plain fail_all refuses nothing."""
+    engine = load_engine(tiny_checkpoint)
+    engine.fail_all("boom")
+    run(engine)
+    [served] = generate(engine, [PROMPTS[0]], greedy(2))
+    assert served.error is None and len(served.choices[0].token_ids) == 2
+    _, running = engine.submit(PROMPTS[0], greedy(100))
+    engine_step(engine, 2)
+    _, queued = engine.submit(PROMPTS[1], greedy(100))
+    finished = engine.stats()["requests_finished"]
+    engine.fail_all("stopping", refuse_later=True)
+    with pytest.raises(ShuttingDownError):
+        engine.submit(PROMPTS[2], greedy(5))
+    assert engine.stats()["queue_length"] == 1  # the queued one alone
+    run(engine)
+    with pytest.raises(ShuttingDownError):
+        engine.submit_all([PROMPTS[2], PROMPTS[3]], greedy(5), [EventStream(), EventStream()])
+    ran, waited = collect(running), collect(queued)
+    assert (ran.error, waited.error, len(waited.choices[0].token_ids)) == ("stopping", "stopping", 0)
+    assert ran.choices[0].token_ids
+    stats = engine.stats()
+    assert (stats["queue_length"], stats["active_requests"], stats["requests_finished"]) == (0, 0, finished + 2)
 
 
 def test_untied_sharded_rope_parameters_checkpoint():

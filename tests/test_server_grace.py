@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import socket
-import time
 from pathlib import Path
 
 from chat_http import MODEL, cpu_env, http_chunks, raw_request, read_all
@@ -33,51 +32,49 @@ def _read_through_done(sock: socket.socket) -> bytes:
     return data
 
 
-def test_a_request_begun_after_the_grace_periods_cut_ends_with_its_error_too(tiny_checkpoint: Path,
-                                                                             tmp_path: Path) -> None:
-    """A stream running at the stop is failed 1.5 s before --graceful-timeout ends (its error event, then [DONE]); its
-    head went out before the stop, so its connection waits 1 s for a next request, which is served. One sent as soon
-    as the failed stream ended (a client reusing its connection at once, as openai's and nginx's keep-alive pools do)
-    was not failed: it ran until gunicorn killed the worker's handlers at the graceful timeout, its chunked answer cut
-    without an error event or [DONE] (a non-streamed one: the connection closed without an answer). It fails at once
-    now, as a request running at the cut does. Both kinds of next request on one server and one SIGTERM: two
-    kept-alive connections, each with its own stream running at the stop."""
+def test_a_request_begun_after_the_grace_periods_cut_is_refused_a_503_before_any_head(tiny_checkpoint: Path,
+                                                                                     tmp_path: Path) -> None:
+    """Streams running at the stop are failed 1.5 s before --graceful-timeout ends (their error event, then [DONE]);
+    their heads went out before the stop, so their connections wait 1 s for a next request. One sent as soon as a
+    failed stream ended (a client reusing its connection at once, as openai's and nginx's keep-alive pools do) ran
+    until gunicorn killed the worker's handlers, cut without an answer; then it was accepted and failed: a 500, or a
+    200 head and an error event, neither of which nginx or openai's client retries. It is refused now, streamed or
+    not, before any head: a 503 `server_shutting_down` with Retry-After, its connection closed. Both cases on one
+    server and one SIGTERM: two connections, each with its own long stream, each sending its next request at once."""
     env = cpu_env(tiny_checkpoint, NANOQWEN_MAX_MODEL_LEN="4096", NANOQWEN_THREADS="1")
     srv = GunicornServer(env, tmp_path / "gunicorn.log", args=["--graceful-timeout", str(GRACE_S)]).start()
     body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4000, "ignore_eos": True,
             "stream": True}
-    firsts: dict[bool, bytes] = {}
-    seconds: dict[bool, bytes] = {}
+    streamed_next = [True, False]
     try:
-        with (socket.create_connection(("127.0.0.1", srv.port), timeout=60) as streamed,
-              socket.create_connection(("127.0.0.1", srv.port), timeout=60) as not_streamed):
-            socks = {True: streamed, False: not_streamed}
-            for stream, sock in socks.items():
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=60) as first, \
+                socket.create_connection(("127.0.0.1", srv.port), timeout=60) as second:
+            socks = [first, second]
+            for sock in socks:
                 sock.sendall(raw_request(body))
-                firsts[stream] = sock.recv(65536)
-                assert firsts[stream].startswith(b"HTTP/1.1 200"), firsts[stream]
+            heads = [sock.recv(65536) for sock in socks]
+            assert all(head.startswith(b"HTTP/1.1 200") for head in heads), heads
             srv.terminate()
-            for stream, sock in socks.items():
-                firsts[stream] += _read_through_done(sock)  # failed at the grace period's cut
+            failed = []
+            for sock, head, stream in zip(socks, heads, streamed_next, strict=True):
+                failed.append(head + _read_through_done(sock))  # failed at the grace period's cut
                 sock.sendall(raw_request({**body, "stream": stream}))  # at once, on the same connection
-            ended = time.monotonic()
-            for stream, sock in socks.items():
-                seconds[stream] = read_all(sock)
-            waited = time.monotonic() - ended
+            refused = [read_all(sock) for sock in socks]
         status = srv.wait(GRACE_S + 30)
     finally:
         srv.stop()
-    for first in firsts.values():
-        head, payloads = _stream_events(first)
+    for answer in failed:
+        head, payloads = _stream_events(answer)
         assert b"connection: close" not in head.lower() and payloads[-1] == "[DONE]", payloads[-3:]
-        assert "shutting down" in json.loads(payloads[-2])["error"]["message"], payloads[-3:]
-    head, payloads = _stream_events(seconds[True])  # a cut chunked body fails here: no last chunk
-    assert head.startswith(b"HTTP/1.1 200") and b"connection: close" in head.lower(), head
-    assert payloads[-1] == "[DONE]", (payloads[-3:], waited)
-    errors = [json.loads(payloads[-2])["error"]]
-    head, _, answer = seconds[False].partition(b"\r\n\r\n")  # it was no answer at all: the connection closed
-    assert head.startswith(b"HTTP/1.1 500") and b"connection: close" in head.lower(), (seconds[False][:300], waited)
-    errors.append(json.loads(answer)["error"])
-    for error in errors:
-        assert "shutting down" in error["message"] and error["type"] == "server_error", error
+        error = json.loads(payloads[-2])["error"]
+        assert "ran past the grace period" in error["message"] and error["type"] == "server_error", error
+    assert [answer[:12] for answer in refused] == [b"HTTP/1.1 503"] * 2, [answer[:300] for answer in refused]
+    for answer, stream in zip(refused, streamed_next, strict=True):
+        head, _, text = answer.partition(b"\r\n\r\n")
+        lines = head.decode().lower().split("\r\n")
+        assert {"connection: close", "retry-after: 1", "content-type: application/json"} <= set(lines), (stream, head)
+        error = json.loads(text)["error"]
+        assert error.keys() == {"message", "type", "param", "code"}, error
+        assert (error["type"], error["code"], error["param"]) == ("server_error", "server_shutting_down", None), error
+        assert "shutting down" in error["message"] and "grace period" not in error["message"], error
     assert status == 0, srv.log()

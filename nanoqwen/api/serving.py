@@ -30,7 +30,7 @@ from nanoqwen.api.offload import NativePool, run_or_503
 from nanoqwen.api.responses import fingerprint
 from nanoqwen.api.sse import HEADERS, PROBE, sse
 from nanoqwen.api.strict_json import Budget
-from nanoqwen.engine import Engine, QueueFullError
+from nanoqwen.engine import Engine, QueueFullError, ShuttingDownError
 from nanoqwen.engine.grammar import COMPILE_STACK_BYTES
 from nanoqwen.engine.request import Event, SamplingParams, Usage
 from nanoqwen.engine.validation import InvalidRequest
@@ -338,6 +338,9 @@ class Serving:
         except QueueFullError as exc:
             raise APIError(503, f"the server is at capacity, retry later ({exc})", type="server_error",
                            code="queue_full", headers={"Retry-After": RETRY_AFTER_S}) from None
+        except ShuttingDownError as exc:  # another worker or replica serves it: nginx and openai's client retry a 503
+            raise APIError(503, f"the server is shutting down, retry the request ({exc})", type="server_error",
+                           code="server_shutting_down", headers={"Retry-After": RETRY_AFTER_S}) from None
         except InvalidRequest as exc:
             raise invalid_request(exc, prompt_param) from None
         return batch

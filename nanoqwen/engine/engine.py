@@ -50,6 +50,10 @@ class QueueFullError(RuntimeError):
     pass
 
 
+class ShuttingDownError(RuntimeError):
+    """enqueue's refusal once a fail_all refused later requests (a stopping worker's cut): none would be served."""
+
+
 class Engine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
@@ -62,7 +66,7 @@ class Engine:
         self._num_queued = 0
         self._allowed: tuple[list[int] | None, torch.Tensor | None] = (None, None)  # see allowed_mask
         self._stopping = False
-        self._failing: str | None = None  # what every request submitted from now on ends with (fail_all's later_too)
+        self._refusing = False  # every request submitted from now on is refused (fail_all's refuse_later)
         self._started = False
         self._stopped = NativeEvent()
         self._stopped.set()  # until start(): shutdown has no thread to wait for
@@ -291,8 +295,11 @@ class Engine:
 
     def enqueue(self, requests: list[Request]) -> None:
         """Queues `requests` as one inbox item, so the engine takes them in at once; QueueFullError (none queued) where
-        they would take the queue past its bound."""
+        they would take the queue past its bound, ShuttingDownError (none queued) after a fail_all that refused later
+        requests."""
         with self._lock:
+            if self._refusing:
+                raise ShuttingDownError("this worker is stopping and takes no new request")
             if self._num_queued + len(requests) > self.config.max_queue:
                 raise QueueFullError(f"the queue is full ({self.config.max_queue} requests waiting)")
             self._num_queued += len(requests)
@@ -314,12 +321,14 @@ class Engine:
         self._inbox.append(("abort", request_id))
         self._wakeup.set()
 
-    def fail_all(self, message: str, later_too: bool = False) -> None:
-        """Ends every request, queued or running, with an error event carrying `message`; `later_too`: every request
-        submitted after it as well, as it arrives (a stopping worker's cut before its handlers are killed: a request
-        begun after it ran on, and was cut without its error)."""
-        if later_too:
-            self._failing = message
+    def fail_all(self, message: str, refuse_later: bool = False) -> None:
+        """Ends every request, queued or running, with an error event carrying `message`; `refuse_later`: enqueue
+        refuses every request from now on (a stopping worker's cut before its handlers are killed: a request begun
+        after it would be cut without an answer). One registered before is in the requests fail_all's item ends, and
+        its own inbox item, wherever it lands, then finds it closed."""
+        if refuse_later:
+            with self._lock:
+                self._refusing = True
         self._inbox.append(("fail_all", message))
         self._wakeup.set()
 
@@ -369,9 +378,6 @@ class Engine:
         while self._inbox:
             kind, item = self._inbox.popleft()
             if kind == "submit":
-                if self._failing is not None:
-                    self._fail([request for request in item if request.request_id in self._requests], self._failing)
-                    continue
                 for request in item:
                     if request.request_id not in self._requests:
                         continue  # a fail_all queued between its registration and this item closed it already
