@@ -22,8 +22,9 @@ WORDS = ("robot", "river", "stone", "light", "music", "garden", "engine", "winte
 ENDED = ("response.completed", "response.incomplete")
 # the 503s a client of one server may get: at capacity (a soak waits until the model serves, and never restarts it)
 SERVER_UNAVAILABLE = ("queue_full",)
-# through nginx to replicas (soak_replicas.py): a replica restarted, loading; nginx with every replica marked down
-REPLICAS_UNAVAILABLE = (*SERVER_UNAVAILABLE, "model_loading", "no_replica")
+# through nginx to replicas (soak_replicas.py): a replica restarted, loading or stopping (where nginx's retry on
+# another met the same); nginx with every replica marked down
+REPLICAS_UNAVAILABLE = (*SERVER_UNAVAILABLE, "model_loading", "server_shutting_down", "no_replica")
 ERROR_KEYS = {"message", "type", "param", "code"}
 Json = dict[str, Any]
 # the scenarios whose 200 without a problem is an answer read whole (the engine's request served)
