@@ -172,14 +172,19 @@ def invalid_request(exc: InvalidRequest, prompt_param: str = "messages") -> APIE
     return APIError(400, str(exc), param=param, code=exc.code)
 
 
+def retry_later(message: str, code: str) -> APIError:
+    """A 503 for a request not begun, that another worker or replica may serve: nginx (deploy/nginx.conf) and
+    openai's client retry it."""
+    return APIError(503, message, type="server_error", code=code, headers={"Retry-After": RETRY_AFTER_S})
+
+
 def unavailable(engine: Engine) -> APIError | None:
     """The 503 to answer while the model is not serving, else None."""
     if engine.load_error is not None:
         return APIError(503, f"the model failed to load: {engine.load_error}", type="server_error",
                         code="model_load_failed")
     if not engine.ready:
-        return APIError(503, "the model is still loading", type="server_error", code=MODEL_LOADING,
-                        headers={"Retry-After": RETRY_AFTER_S})
+        return retry_later("the model is still loading", MODEL_LOADING)
     return None
 
 
@@ -336,11 +341,10 @@ class Serving:
                                                                           for i in range(len(prompts))],
                                                         split_reasoning=split_reasoning)
         except QueueFullError as exc:
-            raise APIError(503, f"the server is at capacity, retry later ({exc})", type="server_error",
-                           code="queue_full", headers={"Retry-After": RETRY_AFTER_S}) from None
-        except ShuttingDownError as exc:  # another worker or replica serves it: nginx and openai's client retry a 503
-            raise APIError(503, f"the server is shutting down, retry the request ({exc})", type="server_error",
-                           code="server_shutting_down", headers={"Retry-After": RETRY_AFTER_S}) from None
+            raise retry_later(f"the server is at capacity, retry later ({exc})", "queue_full") from None
+        except ShuttingDownError as exc:
+            raise retry_later(f"the server is shutting down, retry the request ({exc})",
+                              "server_shutting_down") from None
         except InvalidRequest as exc:
             raise invalid_request(exc, prompt_param) from None
         return batch

@@ -324,8 +324,8 @@ class Engine:
     def fail_all(self, message: str, refuse_later: bool = False) -> None:
         """Ends every request, queued or running, with an error event carrying `message`; `refuse_later`: enqueue
         refuses every request from now on (a stopping worker's cut before its handlers are killed: a request begun
-        after it would be cut without an answer). One registered before is in the requests fail_all's item ends, and
-        its own inbox item, wherever it lands, then finds it closed."""
+        after it would be cut without an answer). One registered before is in the requests fail_all's item ends: its own
+        inbox item, behind fail_all's, is passed over; ahead of it, it is scheduled and failed with the rest."""
         if refuse_later:
             with self._lock:
                 self._refusing = True
