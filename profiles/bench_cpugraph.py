@@ -5,7 +5,7 @@
 
 One engine per weight format (NANOQWEN_GRAPH=cpugraph) prefills --batch random prompts, then runs the
 model part of the decode step (embedding to fp32 logits; sampling excluded, it is the same in both)
-over the staged inputs --repeats times each way, alternating: eagerly (`ModelRunner._decode_head`, widened:
+over the staged inputs --repeats times each way, alternating: eagerly (`compute_logits` of `ModelRunner._decode_hidden`:
 Python, torch allocations and views around the C calls), as the recorded calls replayed (`GraphRunner.run`'s
 replay: one call into csrc/replay.c) and as the Python loop of the recorded ctypes calls (the replay where
 replay.c is missing). Alternating gives all the same machine load; medians are reported, of wall time and of
@@ -64,7 +64,7 @@ def bench(quant: str, batch: int, args: argparse.Namespace) -> dict:
 
     def eager_step() -> None:
         eager.clear()
-        eager.append(runner.model.kernels.to_fp32(runner._decode_head(inputs)))
+        eager.append(runner.model.compute_logits(runner._decode_hidden(inputs)))
 
     ways = {"eager": eager_step, "replay": recording.replay,
             "loop": lambda: python_loop(recording)}

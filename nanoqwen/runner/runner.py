@@ -121,17 +121,20 @@ class ModelRunner:
     # -- decode ---------------------------------------------------------------------------
     def _decode_step(self, mode: str, inputs: StepInputs) -> tuple[torch.Tensor, torch.Tensor]:
         """The captured or compiled unit: the model, then the sampler. -> (logits [B, V] fp32, tokens [B])."""
-        logits = self.model.kernels.to_fp32(self._decode_head(inputs))  # [B, V] fp32
+        logits = self.model.compute_logits(self._decode_hidden(inputs))  # [B, V] fp32
         return logits, sample(logits, inputs.sampling_rows(), mode)
 
     def _decode_head(self, inputs: StepInputs) -> torch.Tensor:
         """The model's part of the step up to the LM head, what a CPU graph records before the logits' widening.
         -> logits [B, V] in the model's dtype."""
+        return self.model.head_logits(self._decode_hidden(inputs))
+
+    def _decode_hidden(self, inputs: StepInputs) -> torch.Tensor:
         meta = AttentionMetadata(
             prefill=False, slot_mapping=inputs.slots, block_tables=inputs.block_tables,
             context_lens=inputs.context_lens,
         )
-        return self.model.head_logits(self.model(inputs.input_ids, inputs.positions, meta))
+        return self.model(inputs.input_ids, inputs.positions, meta)  # [B, H]
 
     def _table_width(self, max_len: int) -> int:
         """Block-table columns a step passes to attention.
