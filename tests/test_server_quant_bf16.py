@@ -110,6 +110,23 @@ def test_served_is_the_in_process_engine(served: list[tuple[str, list[float]]], 
         assert logprobs == pytest.approx(expected, abs=1e-6)
 
 
+def test_a_greedy_answer_without_logprobs_is_the_one_with_them(server: GunicornServer) -> None:
+    """Without logprobs a greedy CPU-graph step replays its argmax on the LM head's bf16 logits, no fp32 copy made
+    (graphs.GraphRunner.run's bare recording); with them, after the widening: the same text either way. Compared
+    with the prompts' prefixes cached for both: a fresh prompt's prefill takes its 30 rows at once, a cached one's the
+    last alone, and int4's kernels sum a row differently by their row count (a near tie of the random weights flips)."""
+    assert " graph=cpugraph " in server.log()
+    client = server.openai_client(timeout=300)
+
+    def answers(**logprobs: int) -> list[str]:
+        return [client.completions.create(model=MODEL, prompt=prompt, temperature=0, max_tokens=NEW_TOKENS,
+                                          extra_body={"ignore_eos": True, "skip_special_tokens": False},
+                                          **logprobs).choices[0].text for prompt in PROMPTS]
+
+    answers()
+    assert answers() == answers(logprobs=0)
+
+
 @pytest.fixture(scope="module")
 def reference(checkpoint: Path) -> tuple[torch.nn.Module, ActivationRounding]:
     """transformers' bf16 model with int4 linears computed as the kernels compute them (quant_reference), and the
